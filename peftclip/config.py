@@ -1,0 +1,91 @@
+"""Fill config dataclasses from a YAML/JSON file and command-line flags that override it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["add_config_arguments", "load_config_file", "parse_config"]
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a YAML or JSON config file of `{section: {field: value}}`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: expected sections of fields, e.g. 'train: {{lr: 0.001}}'")
+    return data
+
+
+def _parse_blocks(text: str) -> str | int | list[int]:
+    """'all' | 'N' (last N) | 'i,j,k' (indices)."""
+    if text == "all":
+        return text
+    try:
+        if "," in text or text.startswith("["):
+            return [int(part) for part in text.strip("[]").split(",") if part.strip()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid blocks {text!r}: use 'all', N, or a comma list of indices")
+
+
+def _argument_kwargs(hint: Any, name: str) -> dict[str, Any]:
+    """argparse keyword arguments for a field annotated `hint`."""
+    if name == "blocks":
+        return {"type": _parse_blocks}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is list:
+        return {"nargs": "+", "type": typing.get_args(hint)[0]}
+    if hint in (int, float, str):
+        return {"type": hint}
+    return {"type": str}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
+    """Add one `--field-name` flag per field of dataclass `cls`, under a group named `section`."""
+    group = parser.add_argument_group(section)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}",
+                           default=argparse.SUPPRESS, help=help_text, **_argument_kwargs(hints[f.name], f.name))
+
+
+def parse_config(args: argparse.Namespace, sections: dict[str, type],
+                 defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Build one dataclass per section from built-in `defaults`, `args.config`, then flags.
+
+    Each layer overrides the one before, field by field; unknown sections or fields are errors.
+    """
+    merged: dict[str, dict[str, Any]] = {s: dict((defaults or {}).get(s, {})) for s in sections}
+    if getattr(args, "config", None):
+        for section, values in load_config_file(args.config).items():
+            if section not in sections:
+                raise ValueError(f"{args.config}: unknown section {section!r}; allowed: {', '.join(sections)}")
+            merged[section].update(values)
+    for key, value in vars(args).items():
+        section, _, name = key.partition(".")
+        if name and section in sections:
+            merged[section][name] = value
+    return {section: cls.from_dict(merged[section]) for section, cls in sections.items()}

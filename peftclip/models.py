@@ -1,0 +1,153 @@
+"""Load an open_clip model as a frozen base and describe it for adapter metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from torch import nn
+
+from .utils import config_from_dict
+
+__all__ = ["BaseConfig", "BaseModel", "TINY_MODEL", "describe_base", "freeze", "load_base"]
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODEL = "peftclip-tiny"
+
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+@dataclass
+class BaseConfig:
+    """Which open_clip model to load as the frozen base."""
+
+    model_name: str = field(
+        default=TINY_MODEL,
+        metadata={"help": "open_clip architecture name (e.g. ViT-B-32), or a model config JSON file."},
+    )
+    pretrained: str | None = field(
+        default=None,
+        metadata={"help": "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file; "
+                  "None gives random weights seeded by `seed`."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for random initialisation when `pretrained` is None."})
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name must not be empty")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BaseConfig":
+        return config_from_dict(cls, data, "base")
+
+
+@dataclass
+class BaseModel:
+    """A loaded base: the open_clip model, its transforms and tokenizer, and where it came from."""
+
+    model: nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    info: dict[str, Any]
+
+
+def _resolve_model_name(model_name: str) -> str:
+    """Return an open_clip name, registering `model_name` first when it is a config JSON file."""
+    if model_name.endswith(".json"):
+        path = Path(model_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config file not found: {path}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return model_name
+    if model_name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}; see open_clip.list_models() "
+            f"or pass a model config .json file"
+        )
+    return model_name
+
+
+def _check_pretrained(model_name: str, pretrained: str | None) -> None:
+    if pretrained is None or model_name.startswith(("hf-hub:", "local-dir:")):
+        return
+    looks_like_path = os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}
+    if looks_like_path:
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise ValueError(
+            f"pretrained tag {pretrained!r} does not exist for {model_name}; known tags: {', '.join(tags) or 'none'}"
+        )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_base(config: BaseConfig) -> dict[str, Any]:
+    """Identify a base for adapter metadata: model name plus pretrained tag, weights-file hash or seed."""
+    info: dict[str, Any] = {"model_name": Path(config.model_name).stem if config.model_name.endswith(".json")
+                            else config.model_name}
+    if config.pretrained is None:
+        info["pretrained"] = None
+        info["seed"] = config.seed
+    elif Path(config.pretrained).is_file():
+        info["pretrained"] = Path(config.pretrained).name
+        info["weights_sha256"] = file_sha256(config.pretrained)
+    else:
+        info["pretrained"] = config.pretrained
+    return info
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Set requires_grad=False on every parameter of `model` and return it."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def load_base(config: BaseConfig | None = None, device: str | torch.device = "cpu") -> BaseModel:
+    """Load an open_clip model with its transforms and tokenizer, frozen.
+
+    Args:
+        config: which architecture and weights; defaults to the tiny CPU model with random weights.
+        device: where to put the model.
+
+    >>> base = load_base(BaseConfig(model_name="peftclip-tiny"))
+    >>> base.model.encode_image(torch.zeros(1, 3, 32, 32)).shape
+    torch.Size([1, 64])
+    """
+    config = config or BaseConfig()
+    name = _resolve_model_name(config.model_name)
+    _check_pretrained(name, config.pretrained)
+    if config.pretrained is None:
+        torch.manual_seed(config.seed)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=config.pretrained, device=device
+        )
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(f"could not load {name} with pretrained={config.pretrained!r}: {e}") from e
+    model.eval()
+    return BaseModel(
+        model=freeze(model),
+        preprocess_train=preprocess_train,
+        preprocess_val=preprocess_val,
+        tokenizer=open_clip.get_tokenizer(name),
+        info=describe_base(config),
+    )

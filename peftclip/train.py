@@ -1,0 +1,197 @@
+"""The Accelerate training loop and distributed evaluation every recipe uses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from .evaluate import retrieval_recall
+from .losses import ContrastiveLoss
+from .utils import config_from_dict
+
+__all__ = ["TrainConfig", "create_accelerator", "create_optimizer", "create_scheduler",
+           "evaluate_retrieval", "format_metrics_table", "train_contrastive"]
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimiser, schedule, batch, precision and where to write the adapter."""
+
+    output_dir: str = field(default="outputs/lora_retrieval", metadata={"help": "Adapter output folder."})
+    epochs: int = field(default=10, metadata={"help": "Passes over the training images."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimiser steps."})
+    batch_size: int = field(default=64, metadata={"help": "Global batch (split across processes)."})
+    grad_accum_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on biases/norms)."})
+    warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps before the cosine decay."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm; None to disable."})
+    mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISION}."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and caption sampling."})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
+    eval_batch_size: int = field(default=128, metadata={"help": "Batch size for embedding the held-out set."})
+    cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps}: must be at least 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}: the learning rate must be positive")
+        for name in ("weight_decay", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must not be negative")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from {MIXED_PRECISION}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return config_from_dict(cls, data, "train")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def create_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator where `batch_size` is the global batch, split evenly across processes."""
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        cpu=config.cpu,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    if config.batch_size % accelerator.num_processes:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                         f"{accelerator.num_processes} processes")
+    set_seed(config.seed)
+    return accelerator
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim < 2 or "logit_scale" in name or "norm" in name or "ln_" in name
+
+
+def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases, norms and `logit_scale` get no weight decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up to the peak learning rate, then cosine decay to zero at `total_steps`."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1))
+    if warmup_steps == 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1),
+                                               total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    steps = config.epochs * math.ceil(batches_per_epoch / config.grad_accum_steps)
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
+def train_contrastive(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: Accelerator,
+                      loss_fn: nn.Module | None = None,
+                      on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train the trainable parameters of a CLIP-style `model` with the symmetric contrastive loss.
+
+    `model(images, texts)` must return (image_features, text_features, logit_scale). `dataset`
+    yields (image, tokens); if it has `set_epoch`, it is called at each epoch so caption
+    sampling changes. Returns the loss of every optimiser step (averaged over processes).
+    """
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                        num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
+    if len(loader) == 0:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(dataset)} images)")
+    optimizer = create_optimizer(model, config)
+    total_steps = _total_steps(config, len(loader))
+    scheduler = create_scheduler(optimizer, config.warmup_steps, total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    loss_fn = loss_fn or ContrastiveLoss()
+    losses: list[float] = []
+    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
+    model.train()
+    for epoch in range(config.epochs):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        for images, texts in loader:
+            with accelerator.accumulate(model):
+                image_features, text_features, logit_scale = model(images, texts)
+                loss = loss_fn(image_features, text_features, logit_scale)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch)
+                if on_step:
+                    on_step(len(losses), losses[-1])
+                if len(losses) >= total_steps:
+                    break
+        if len(losses) >= total_steps:
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+    return losses
+
+
+@torch.no_grad()
+def _embed(accelerator: Accelerator, encode: Callable[[torch.Tensor], torch.Tensor],
+           dataset: Dataset, batch_size: int, num_workers: int) -> torch.Tensor:
+    batch_size = max(batch_size // accelerator.num_processes, 1) * accelerator.num_processes
+    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    chunks = []
+    for batch in loader:
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with accelerator.autocast():
+            chunks.append(accelerator.gather_for_metrics(encode(inputs).float()))
+    return torch.cat(chunks)
+
+
+def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, images: Dataset, captions: list[str],
+                       text_to_image: list[int], tokenizer: Callable, batch_size: int = 128,
+                       num_workers: int = 0) -> dict[str, float]:
+    """Recall@1/5/10 both ways on a held-out set, with the embedding work split across processes."""
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    image_features = _embed(accelerator, lambda x: model.encode_image(x, normalize=True), images,
+                            batch_size, num_workers)
+    text_features = _embed(accelerator, lambda x: model.encode_text(x, normalize=True),
+                           TensorDataset(tokenizer(captions)), batch_size, 0)
+    model.train(was_training)
+    return retrieval_recall(image_features, text_features, text_to_image)
+
+
+def format_metrics_table(before: dict[str, float], after: dict[str, float]) -> str:
+    """A Markdown table of each metric before and after adaptation, with the change."""
+    lines = ["| metric | base | adapted | change |", "|---|---:|---:|---:|"]
+    for key in before:
+        lines.append(f"| {key} | {before[key]:.2f} | {after[key]:.2f} | {after[key] - before[key]:+.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""LoRA through PEFT on split attention gives exactly W + B·A·alpha/r."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peftclip.adapters.attention import convert_attention
+from peftclip.adapters.lora import TARGETS, LoraConfig, apply_lora, lora_target_names
+from tests.conftest import image_batch, text_batch
+
+TOL = 1e-5
+
+LORA_CASES = [
+    LoraConfig(),
+    LoraConfig(towers=["vision"], target_modules=["q"], r=2, lora_alpha=3.0),
+    LoraConfig(towers=["text"], target_modules=["out"], r=8, lora_alpha=16.0),
+    LoraConfig(blocks=1, target_modules=["k", "v", "c_fc"], r=3, lora_alpha=5.0),
+    LoraConfig(blocks=[0, -1], target_modules=["out", "c_proj"]),
+]
+
+
+def _reference(converted, peft_model, config: LoraConfig):
+    """A plain copy of the converted base whose targeted weights are W + B·A·alpha/r."""
+    reference = copy.deepcopy(converted)
+    for name in lora_target_names(reference, config):
+        layer = peft_model.get_base_model().get_submodule(name)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            reference.get_submodule(name).weight += b @ a * (config.lora_alpha / config.r)
+    return reference
+
+
+@pytest.mark.parametrize("config", LORA_CASES, ids=repr)
+def test_lora_outputs_equal_hand_built_reference(any_base, config):
+    model = any_base.model
+    convert_attention(model)
+    converted = copy.deepcopy(model)
+    peft_model = apply_lora(model, config, init_lora_weights=False)  # non-zero B
+    reference = _reference(converted, peft_model, config)
+    images, texts = image_batch(model), text_batch(any_base)
+    with torch.no_grad():
+        for encode in ("encode_image", "encode_text"):
+            got = getattr(peft_model, encode)(images if encode == "encode_image" else texts)
+            want = getattr(reference, encode)(images if encode == "encode_image" else texts)
+            base = getattr(converted, encode)(images if encode == "encode_image" else texts)
+            assert torch.allclose(got, want, atol=TOL, rtol=0), f"{encode}: {(got - want).abs().max()}"
+            if "vision" in config.towers and encode == "encode_image" or "text" in config.towers and encode == "encode_text":
+                assert not torch.allclose(got, base, atol=1e-4), f"{encode}: the adapter had no effect"
+
+
+def _expected_count(width: int, mlp_width: int, n_blocks: int, config: LoraConfig) -> int:
+    """r·(in + out) for each targeted layer, written out from the architecture."""
+    dims = {"q": (width, width), "k": (width, width), "v": (width, width), "out": (width, width),
+            "c_fc": (width, mlp_width), "c_proj": (mlp_width, width)}
+    per_block = sum(config.r * sum(dims[t]) for t in config.target_modules)
+    blocks = n_blocks if config.blocks == "all" else (config.blocks if isinstance(config.blocks, int)
+                                                       else len(set(i % n_blocks for i in config.blocks)))
+    return per_block * blocks
+
+
+# (model, tower) -> (width, mlp width, blocks), from the model configs.
+ARCH = {
+    ("peftclip-tiny", "vision"): (64, 256, 2), ("peftclip-tiny", "text"): (64, 256, 2),
+    ("ViT-B-32", "vision"): (768, 3072, 12), ("ViT-B-32", "text"): (512, 2048, 12),
+}
+
+
+@pytest.mark.parametrize("config", LORA_CASES, ids=repr)
+def test_trainable_parameter_count_matches_formula(any_base, config):
+    name = any_base.info["model_name"]
+    expected = sum(_expected_count(*ARCH[(name, tower)], config) for tower in config.towers)
+    peft_model = apply_lora(any_base.model, config)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) == expected
+    assert all("lora_" in n for n in trainable)
+
+
+def test_lora_targets_only_named_blocks_and_projections(tiny_base):
+    config = LoraConfig(towers=["vision"], blocks=[1], target_modules=["q", "c_fc"])
+    peft_model = apply_lora(tiny_base.model, config)
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"visual.transformer.resblocks.1.attn.q_proj", "visual.transformer.resblocks.1.mlp.c_fc"}
+
+
+INVALID_CONFIGS = [
+    ({"r": 0}, "r=0"),
+    ({"target_modules": ["qkv"]}, "unknown LoRA target 'qkv'"),
+    ({"towers": ["audio"]}, "unknown tower 'audio'"),
+    ({"lora_dropout": 1.5}, "lora_dropout=1.5"),
+    ({"blocks": "some"}, "blocks='some'"),
+    ({"blocks": 0}, "blocks=0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), INVALID_CONFIGS)
+def test_invalid_config_is_rejected_with_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("blocks", "message"), [([5], "block index 5 is out of range"), (3, "has only 2 blocks")])
+def test_block_out_of_range_names_the_index(tiny_base, blocks, message):
+    with pytest.raises(ValueError, match=message):
+        apply_lora(tiny_base.model, LoraConfig(blocks=blocks))
+
+
+def test_towers_both_means_vision_and_text():
+    assert LoraConfig(towers="both").towers == ["vision", "text"]
+    assert set(TARGETS) == {"q", "k", "v", "out", "c_fc", "c_proj"}

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny and ViT-B-32-structured bases, and paths to the shared real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftclip.models import BaseConfig, BaseModel, load_base
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MODEL_NAMES = ["peftclip-tiny", "ViT-B-32"]
+
+
+def image_batch(model: torch.nn.Module, n: int = 2, seed: int = 0) -> torch.Tensor:
+    """Random images at `model`'s input size."""
+    size = model.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def text_batch(base: BaseModel) -> torch.Tensor:
+    return base.tokenizer(["a photo of a red circle", "two dogs playing in the snow on a sunny day"])
+
+
+@pytest.fixture
+def tiny_base() -> BaseModel:
+    """A fresh tiny base (random weights, seed 0); tests may modify it."""
+    return load_base(BaseConfig())
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def any_base(request) -> BaseModel:
+    """A fresh base of each covered architecture (random weights)."""
+    return load_base(BaseConfig(model_name=request.param))
