@@ -13,12 +13,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from .checkpoint import Checkpointer, ResumeError, find_latest_checkpoint
 from .evaluate import retrieval_recall
 from .losses import ContrastiveLoss
 from .utils import config_from_dict
 
-__all__ = ["TrainConfig", "create_accelerator", "create_optimizer", "create_scheduler",
-           "evaluate_retrieval", "format_metrics_table", "train_contrastive"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
+           "create_scheduler", "evaluate_retrieval", "format_metrics_table", "result_fingerprint",
+           "train_contrastive"]
+
+# Settings that do not change a run's result, and so may differ on resume.
+_NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size", "checkpoint_every_steps",
+                       "checkpoint_every_minutes", "keep_checkpoints"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -41,6 +47,12 @@ class TrainConfig:
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
     eval_batch_size: int = field(default=128, metadata={"help": "Batch size for embedding the held-out set."})
     cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+    checkpoint_every_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps."})
+    checkpoint_every_minutes: float | None = field(default=None, metadata={"help": "Checkpoint every N minutes."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})
+    skip_nonfinite: bool = field(default=False, metadata={
+        "help": "Skip (and count) steps whose loss or gradient is not finite, instead of stopping."})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size"):
@@ -50,9 +62,12 @@ class TrainConfig:
             raise ValueError(f"max_steps={self.max_steps}: must be at least 1")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr}: the learning rate must be positive")
-        for name in ("weight_decay", "warmup_steps", "num_workers"):
+        for name in ("weight_decay", "warmup_steps", "num_workers", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must not be negative")
+        for name in ("checkpoint_every_steps", "checkpoint_every_minutes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be positive")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from {MIXED_PRECISION}")
 
@@ -62,6 +77,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def result_fingerprint(sections: dict[str, Any], base_info: dict[str, Any]) -> dict[str, Any]:
+    """Flatten config sections into `section.field` keys, keeping what changes the result."""
+    flat = {f"base.{k}": v for k, v in base_info.items()}
+    for section, config in sections.items():
+        if section == "base":
+            continue
+        for key, value in asdict(config).items():
+            if key not in _NOT_IN_FINGERPRINT:
+                flat[f"{section}.{key}"] = value
+    return flat
 
 
 def create_accelerator(config: TrainConfig) -> Accelerator:
@@ -112,53 +139,135 @@ def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on: a non-finite loss or gradient, or out of memory."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: the loss of every optimiser step and any skipped or resumed steps."""
+
+    losses: list[float]
+    skipped_steps: int = 0
+    resumed_from: str | None = None
+    last_checkpoint: str | None = None
+
+
+def _seed_step(seed: int, epoch: int, batch: int, rank: int) -> None:
+    # Re-seeding per micro-batch makes dropout and other in-step randomness a function of
+    # the position alone, so a resumed run repeats an uninterrupted one exactly.
+    torch.manual_seed(hash((seed, epoch, batch, rank)) % (2**63))
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def _check_finite(loss: float, grad_norm: float, step: int, config: TrainConfig,
+                  last_checkpoint: str | None) -> bool:
+    """True if the step may go ahead; False to skip it; raises unless skipping is allowed."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return True
+    if config.skip_nonfinite:
+        return False
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    raise TrainingError(f"non-finite {what} at step {step + 1} (loss={loss}, grad_norm={grad_norm}); "
+                        f"last good checkpoint: {last_checkpoint or 'none'}; "
+                        f"lower the learning rate or pass --skip-nonfinite")
+
+
+def _resume(checkpointer: Checkpointer, config: TrainConfig) -> dict[str, Any] | None:
+    if config.resume is None:
+        return None
+    path = find_latest_checkpoint(config.output_dir) if config.resume == "latest" else config.resume
+    if path is None:
+        raise ResumeError(f"--resume latest: no complete checkpoint under {config.output_dir}/checkpoints")
+    return checkpointer.load(path)
+
+
 def train_contrastive(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: Accelerator,
-                      loss_fn: nn.Module | None = None,
-                      on_step: Callable[[int, float], None] | None = None) -> list[float]:
+                      loss_fn: nn.Module | None = None, fingerprint: dict[str, Any] | None = None) -> TrainResult:
     """Train the trainable parameters of a CLIP-style `model` with the symmetric contrastive loss.
 
     `model(images, texts)` must return (image_features, text_features, logit_scale). `dataset`
     yields (image, tokens); if it has `set_epoch`, it is called at each epoch so caption
-    sampling changes. Returns the loss of every optimiser step (averaged over processes).
+    sampling changes. Checkpoints and resume follow `config`; `fingerprint` (the settings that
+    change the result) must match for a resume to be accepted.
     """
+    generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                        num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed))
+                        num_workers=config.num_workers, generator=generator)
     if len(loader) == 0:
         raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(dataset)} images)")
     optimizer = create_optimizer(model, config)
     total_steps = _total_steps(config, len(loader))
     scheduler = create_scheduler(optimizer, config.warmup_steps, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    loss_fn = loss_fn or ContrastiveLoss()
-    losses: list[float] = []
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
-    model.train()
-    for epoch in range(config.epochs):
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        for images, texts in loader:
-            with accelerator.accumulate(model):
-                image_features, text_features, logit_scale = model(images, texts)
-                loss = loss_fn(image_features, text_features, logit_scale)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
-                progress.update(1)
-                progress.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch)
-                if on_step:
-                    on_step(len(losses), losses[-1])
-                if len(losses) >= total_steps:
-                    break
-        if len(losses) >= total_steps:
-            break
-    progress.close()
+    checkpointer = Checkpointer(accelerator, config.output_dir, fingerprint or {}, config.checkpoint_every_steps,
+                                config.checkpoint_every_minutes, config.keep_checkpoints)
+    state = _resume(checkpointer, config)
+    result = TrainResult(losses=list(state["position"]["losses"]) if state else [],
+                         skipped_steps=state["position"]["skipped"] if state else 0,
+                         resumed_from=str(checkpointer.last_saved) if state else None)
+    start_epoch, start_batch = (state["position"]["epoch"], state["position"]["batch"]) if state else (0, 0)
+    progress = tqdm(total=total_steps, initial=len(result.losses), desc="train",
+                    disable=not accelerator.is_local_main_process)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            if len(result.losses) >= total_steps:
+                break
+            skip = start_batch if epoch == start_epoch else 0
+            _train_epoch(model, loader, optimizer, scheduler, loss_fn or ContrastiveLoss(), dataset, generator,
+                         epoch, skip, total_steps, config, accelerator, checkpointer, result, progress)
+    except RuntimeError as e:
+        if _is_oom(e):
+            raise TrainingError(f"out of memory at batch_size={config.batch_size}: try a smaller --batch-size, "
+                                f"--grad-accum-steps, or gradient checkpointing") from None
+        raise
+    finally:
+        progress.close()
+        checkpointer.close()
     accelerator.wait_for_everyone()
-    return losses
+    result.last_checkpoint = str(checkpointer.last_saved) if checkpointer.last_saved else None
+    return result
+
+
+def _train_epoch(model, loader, optimizer, scheduler, loss_fn, dataset, generator, epoch, skip, total_steps,
+                 config, accelerator, checkpointer, result, progress) -> None:
+    """One pass over `loader` from batch `skip`, stepping, guarding and checkpointing."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    generator.manual_seed(config.seed + epoch)  # shuffling is a function of the epoch alone
+    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+    model.train()
+    for batch, (images, texts) in enumerate(batches, start=skip):
+        _seed_step(config.seed, epoch, batch, accelerator.process_index)
+        with accelerator.accumulate(model):
+            image_features, text_features, logit_scale = model(images, texts)
+            loss = loss_fn(image_features, text_features, logit_scale)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+                mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+                if _check_finite(mean_loss, float(grad_norm), len(result.losses), config,
+                                 str(checkpointer.last_saved) if checkpointer.last_saved else None):
+                    optimizer.step()
+                    scheduler.step()
+                else:
+                    result.skipped_steps += 1
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        result.losses.append(mean_loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+        step = len(result.losses)
+        if checkpointer.due(step) or (step >= total_steps and (config.checkpoint_every_steps
+                                                                or config.checkpoint_every_minutes)):
+            checkpointer.save(step, {"epoch": epoch, "batch": batch + 1, "losses": result.losses,
+                                     "skipped": result.skipped_steps})
+        if step >= total_steps:
+            return
 
 
 @torch.no_grad()

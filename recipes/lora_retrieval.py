@@ -21,7 +21,7 @@ from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
 from peftclip.train import (TrainConfig, create_accelerator, evaluate_retrieval, format_metrics_table,
-                            train_contrastive)
+                            result_fingerprint, train_contrastive)
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
 # The built-in default: tiny random base, generated shapes task (see peftclip/synthetic.py).
@@ -58,10 +58,11 @@ def training_function(config: dict, accelerator) -> dict:
                                   train_config.eval_batch_size, train_config.num_workers)
 
     before = evaluate()
-    losses = train_contrastive(model, train_set, train_config, accelerator)
+    result = train_contrastive(model, train_set, train_config, accelerator,
+                               fingerprint=result_fingerprint(config, base.info))
     after = evaluate()
-    metrics = {"before": before, "after": after, "steps": len(losses),
-               "final_loss": losses[-1] if losses else None, "skipped_rows": skipped}
+    metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
+               "skipped_rows": skipped, "skipped_steps": result.skipped_steps}
     accelerator.print(format_metrics_table(before, after))
     if accelerator.is_main_process:
         out = save_adapter(accelerator.unwrap_model(model), train_config.output_dir, base.info,

@@ -49,7 +49,7 @@ def main(out_dir: str) -> None:
     pids = accelerator.gather(torch.tensor([__import__("os").getpid()])).tolist()
 
     fresh, images, texts = make_model_and_batch()
-    loop_losses = train_contrastive(fresh, TensorDataset(images, texts), config, accelerator)
+    loop_losses = train_contrastive(fresh, TensorDataset(images, texts), config, accelerator).losses
     if accelerator.is_main_process:
         out = Path(out_dir)
         save_file(grads, out / "grads.safetensors")
