@@ -12,10 +12,12 @@ from typing import Any
 
 import peft
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.attention import convert_attention
+from .adapters.partial import apply_partial
+from .adapters.strategy import inner_model, strategy_from_dict
 from .models import BaseModel, file_sha256
 from .utils import write_json_atomic
 
@@ -25,6 +27,7 @@ __all__ = [
     "METADATA_NAME",
     "METRICS_NAME",
     "SAFETENSORS_WEIGHTS_NAME",
+    "adapter_tensors",
     "load_adapter",
     "read_metadata",
     "save_adapter",
@@ -42,35 +45,47 @@ class AdapterError(ValueError):
     """An adapter folder that cannot be used: missing, altered, unsafe or for another base."""
 
 
-def save_adapter(model: peft.PeftModel, output_dir: str | os.PathLike, base_info: dict[str, Any],
+def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Every tensor an adapter consists of: PEFT's LoRA weights plus unfrozen base or added parameters."""
+    tensors = {}
+    if isinstance(model, peft.PeftModel):
+        tensors.update(peft.get_peft_model_state_dict(model, adapter_name=adapter_name))
+    for name, param in inner_model(model).named_parameters():
+        if param.requires_grad and "lora_" not in name:
+            tensors[name] = param
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dict[str, Any],
                  strategy: dict[str, Any], training: dict[str, Any] | None = None,
                  adapter_name: str = "default") -> Path:
     """Write `model`'s trainable adapter as a folder that `load_adapter` reads back.
 
-    The folder holds `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout)
-    and `peftclip_config.json` (base identity, strategy, training config, weights checksum).
+    The folder holds `adapter_model.safetensors` (every adapter tensor, LoRA keys as PEFT
+    names them), `adapter_config.json` (PEFT's config, when LoRA is on) and
+    `peftclip_config.json` (base identity, strategy, training config, weights checksum).
     It is assembled under a temporary name beside `output_dir` and renamed into place, so a
     crash leaves either the previous folder or the new one, never a mix.
 
     Args:
-        model: the PEFT-wrapped model.
+        model: the adapted model (a `peft.PeftModel` when LoRA is on).
         output_dir: destination folder; replaced if it exists.
         base_info: `BaseModel.info` of the base the adapter was trained on.
-        strategy: the adapter's own config (e.g. `{"lora": LoraConfig.to_dict()}`).
+        strategy: `strategy_to_dict(...)` of the applied methods.
         training: the training config, recorded for reproducibility.
-        adapter_name: which of `model`'s adapters to save.
+        adapter_name: which PEFT adapter to save.
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     try:
-        state = peft.get_peft_model_state_dict(model, adapter_name=adapter_name)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        state = adapter_tensors(model, adapter_name)
         save_file(state, tmp / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
-        peft_config = copy.deepcopy(model.peft_config[adapter_name])
-        peft_config.inference_mode = True
-        peft_config.base_model_name_or_path = base_info.get("model_name")
-        peft_config.save_pretrained(str(tmp))
+        if isinstance(model, peft.PeftModel):
+            peft_config = copy.deepcopy(model.peft_config[adapter_name])
+            peft_config.inference_mode = True
+            peft_config.base_model_name_or_path = base_info.get("model_name")
+            peft_config.save_pretrained(str(tmp))
         metadata = {
             "base": base_info,
             "strategy": strategy,
@@ -79,11 +94,19 @@ def save_adapter(model: peft.PeftModel, output_dir: str | os.PathLike, base_info
             "weights_sha256": file_sha256(tmp / SAFETENSORS_WEIGHTS_NAME),
         }
         write_json_atomic(tmp / METADATA_NAME, metadata)
+        _fsync_dir(tmp)
         _replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush every file in `folder` to disk before the folder is renamed into place."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -119,13 +142,14 @@ def read_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
         raise AdapterError(f"{adapter_dir}: no {SAFETENSORS_WEIGHTS_NAME}{hint}")
-    for name in (ADAPTER_CONFIG_NAME, METADATA_NAME):
-        if not (adapter_dir / name).is_file():
-            raise AdapterError(f"{adapter_dir}: missing {name}")
+    if not (adapter_dir / METADATA_NAME).is_file():
+        raise AdapterError(f"{adapter_dir}: missing {METADATA_NAME}")
     try:
         metadata = json.loads((adapter_dir / METADATA_NAME).read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{adapter_dir / METADATA_NAME}: not valid JSON ({e})") from e
+    if "lora" in metadata.get("strategy", {}) and not (adapter_dir / ADAPTER_CONFIG_NAME).is_file():
+        raise AdapterError(f"{adapter_dir}: missing {ADAPTER_CONFIG_NAME}")
     actual = file_sha256(weights)
     if actual != metadata.get("weights_sha256"):
         raise AdapterError(f"{weights}: checksum mismatch (file is truncated or altered); "
@@ -144,22 +168,54 @@ def _describe(info: dict[str, Any]) -> str:
 
 
 def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: str = "default",
-                 is_trainable: bool = False) -> peft.PeftModel:
-    """Load an adapter folder onto a freshly loaded base (modified in place) and return the wrapped model.
+                 is_trainable: bool = False) -> nn.Module:
+    """Load an adapter folder onto a freshly loaded base (modified in place) and return the adapted model.
 
-    Raises `AdapterError` when the folder is incomplete, holds pickles, its weights fail
-    the checksum, or it was trained on a different base (both bases are named).
+    The same call loads every strategy. Raises `AdapterError` when the folder is incomplete,
+    holds pickles, its weights fail the checksum, or it was trained on a different base
+    (both bases are named).
 
     >>> model = load_adapter(load_base(), "outputs/lora_retrieval")  # doctest: +SKIP
     """
     adapter_dir = Path(adapter_dir)
     metadata = read_metadata(adapter_dir)
     _check_base(adapter_dir, metadata["base"], base.info)
+    strategy, lora, partial = strategy_from_dict(metadata["strategy"])
     model: nn.Module = base.model
     convert_attention(model)
+    tensors = load_file(adapter_dir / SAFETENSORS_WEIGHTS_NAME)
     try:
-        return peft.PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name,
-                                              is_trainable=is_trainable,
-                                              torch_device=str(next(model.parameters()).device))
+        if strategy.lora:
+            peft_config = peft.LoraConfig.from_pretrained(str(adapter_dir))
+            peft_config.inference_mode = False
+            peft_config.base_model_name_or_path = None  # open_clip models carry no HF name to check against
+            model = peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
+            result = peft.set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if "lora_" in k},
+                                                    adapter_name=adapter_name)
+            if result.unexpected_keys:
+                raise AdapterError(f"{adapter_dir}: unexpected LoRA tensors {result.unexpected_keys[:3]}")
+        if partial is not None:
+            apply_partial(inner_model(model), partial)
+        _load_extra_tensors(adapter_dir, inner_model(model), {k: v for k, v in tensors.items() if "lora_" not in k})
     except (RuntimeError, ValueError, KeyError) as e:
         raise AdapterError(f"{adapter_dir}: cannot load onto {base.info.get('model_name')}: {e}") from e
+    if not is_trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def _load_extra_tensors(adapter_dir: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved non-LoRA tensors into `model`'s parameters of the same names; they must match exactly."""
+    expected = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise AdapterError(f"{adapter_dir}: tensors do not match the strategy (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise AdapterError(f"{adapter_dir}: {name} has shape {tuple(tensor.shape)}, "
+                                   f"the base expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor)

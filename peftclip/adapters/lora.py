@@ -12,7 +12,8 @@ from torch import nn
 from ..utils import config_from_dict
 from .attention import convert_attention
 
-__all__ = ["LoraConfig", "TOWERS", "TARGETS", "apply_lora", "lora_target_names", "lora_parameter_count"]
+__all__ = ["LoraConfig", "TARGETS", "TOWERS", "apply_lora", "lora_parameter_count", "lora_target_names",
+           "tower_blocks_path"]
 
 # Where each tower keeps its residual blocks in open_clip's `CLIP` (and `CustomTextCLIP`).
 TOWERS: dict[str, tuple[str, ...]] = {
@@ -98,10 +99,7 @@ def lora_target_names(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the linear layers that `config` puts LoRA on, in a converted `model`."""
     names = []
     for tower in config.towers:
-        prefix = next((p for p in TOWERS[tower] if _has_module(model, p)), None)
-        if prefix is None:
-            raise ValueError(f"{type(model).__name__} has no {tower} transformer blocks "
-                             f"(looked for {', '.join(TOWERS[tower])})")
+        prefix = tower_blocks_path(model, tower)
         n_blocks = len(model.get_submodule(prefix))
         for index in _block_indices(config.blocks, n_blocks, tower):
             for target in config.target_modules:
@@ -120,12 +118,15 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
+def tower_blocks_path(model: nn.Module, tower: str) -> str:
+    """Dotted path of `tower`'s residual block list in `model`."""
+    for path in TOWERS[tower]:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            continue
+        return path
+    raise ValueError(f"{type(model).__name__} has no {tower} transformer blocks (looked for {', '.join(TOWERS[tower])})")
 
 
 def lora_parameter_count(model: nn.Module, config: LoraConfig) -> int:

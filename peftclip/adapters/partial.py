@@ -1,0 +1,117 @@
+"""Classic fine-tuning strategies: unfreeze chosen base parameters, bare ones included.
+
+PEFT's `modules_to_save` only handles whole modules, so bare parameters such as
+`text_projection`, `visual.proj` and `logit_scale` are unfrozen and saved here by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils import config_from_dict
+from .lora import TOWERS, tower_blocks_path
+
+__all__ = ["PartialConfig", "apply_partial", "tower_of"]
+
+PROJECTIONS = ("visual.proj", "text_projection")
+FINAL_NORMS = {"vision": "visual.ln_post", "text": "ln_final"}
+_SHARED = ("logit_scale", "logit_bias")
+
+
+@dataclass
+class PartialConfig:
+    """Which base parameters train, as named strategies that combine."""
+
+    full: bool = field(default=False, metadata={"help": "Train every base parameter."})
+    freeze: str | None = field(default=None, metadata={
+        "help": "'vision' or 'text': that tower stays frozen; the other tower and both projections train."})
+    projections: bool = field(default=False, metadata={"help": "Train visual.proj and text_projection."})
+    logit_scale: bool = field(default=False, metadata={"help": "Train the logit scale."})
+    last_blocks: int = field(default=0, metadata={"help": "Train the last N residual blocks of `block_towers`."})
+    block_towers: list[str] = field(default_factory=lambda: ["vision", "text"],
+                                    metadata={"help": "Towers whose last blocks train."})
+    final_norms: bool = field(default=False, metadata={"help": "With last_blocks, also train ln_post / ln_final."})
+    new_proj_dim: int | None = field(default=None, metadata={
+        "help": "Replace both projections with freshly initialised d_in × new_proj_dim ones (they train)."})
+
+    def __post_init__(self) -> None:
+        if self.freeze not in (None, "vision", "text"):
+            raise ValueError(f"freeze={self.freeze!r}; choose 'vision', 'text' or None")
+        if self.last_blocks < 0:
+            raise ValueError(f"last_blocks={self.last_blocks}: must not be negative")
+        for tower in self.block_towers:
+            if tower not in TOWERS:
+                raise ValueError(f"unknown tower {tower!r} in block_towers; choose from {sorted(TOWERS)}")
+        if self.new_proj_dim is not None and self.new_proj_dim < 1:
+            raise ValueError(f"new_proj_dim={self.new_proj_dim}: must be positive")
+
+    @property
+    def active(self) -> bool:
+        """Whether this config unfreezes anything."""
+        return (self.full or self.freeze is not None or self.projections or self.logit_scale
+                or self.last_blocks > 0 or self.new_proj_dim is not None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PartialConfig":
+        return config_from_dict(cls, data, "partial")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tower_of(name: str) -> str | None:
+    """'vision', 'text', or None (shared, e.g. logit_scale) for a base parameter name."""
+    if name.startswith("visual."):
+        return "vision"
+    return None if name in _SHARED else "text"
+
+
+def _block_prefixes(model: nn.Module, config: PartialConfig) -> list[str]:
+    prefixes = []
+    for tower in config.block_towers:
+        path = tower_blocks_path(model, tower)
+        n_blocks = len(model.get_submodule(path))
+        if config.last_blocks > n_blocks:
+            raise ValueError(f"last_blocks={config.last_blocks}: the {tower} tower has only {n_blocks} blocks")
+        prefixes += [f"{path}.{i}." for i in range(n_blocks - config.last_blocks, n_blocks)]
+        if config.final_norms:
+            prefixes.append(FINAL_NORMS[tower] + ".")
+    return prefixes
+
+
+def _replace_projections(model: nn.Module, new_dim: int) -> None:
+    """Swap both projections for fresh (d_in, new_dim) parameters, initialised as open_clip does."""
+    for name in PROJECTIONS:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        old = getattr(owner, attr)
+        if not isinstance(old, nn.Parameter):
+            raise ValueError(f"{name} is a {type(old).__name__}, not a projection matrix; cannot resize it")
+        d_in = old.shape[0]
+        new = nn.Parameter(torch.randn(d_in, new_dim, dtype=old.dtype, device=old.device) * d_in ** -0.5)
+        setattr(owner, attr, new)
+
+
+def apply_partial(model: nn.Module, config: PartialConfig) -> list[str]:
+    """Unfreeze the base parameters `config` selects (in place) and return their names."""
+    if config.new_proj_dim is not None:
+        _replace_projections(model, config.new_proj_dim)
+    prefixes = _block_prefixes(model, config) if config.last_blocks else []
+    chosen = []
+    for name, param in model.named_parameters():
+        tower = tower_of(name)
+        train = (config.full
+                 or (config.freeze is not None and tower not in (config.freeze, None))
+                 or ((config.projections or config.freeze or config.new_proj_dim) and name in PROJECTIONS)
+                 or (config.logit_scale and name == "logit_scale")
+                 or any(name.startswith(p) for p in prefixes))
+        if train:
+            param.requires_grad_(True)
+            chosen.append(name)
+    if config.active and not chosen:
+        raise ValueError(f"{config} selects no parameter of {type(model).__name__}")
+    return chosen

@@ -1,0 +1,114 @@
+"""Every strategy trains exactly its parameters, saves exactly them, and reloads exactly."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftclip.adapters.lora import LoraConfig
+from peftclip.adapters.partial import PartialConfig
+from peftclip.adapters.strategy import StrategyConfig, apply_strategy, strategy_to_dict
+from peftclip.io import SAFETENSORS_WEIGHTS_NAME, load_adapter, save_adapter
+from peftclip.losses import ContrastiveLoss
+from peftclip.models import BaseConfig, load_base
+from peftclip.train import TrainConfig, create_optimizer
+from tests.conftest import image_batch, text_batch
+
+
+def _vision(name):
+    return name.startswith("visual.")
+
+
+# id -> (lora on?, PartialConfig, predicate over clean base parameter names that must change)
+TEST_CASES = {
+    "full": (False, PartialConfig(full=True), lambda n: True),
+    "freeze_vision": (False, PartialConfig(freeze="vision"),
+                      lambda n: (not _vision(n) and n != "logit_scale") or n == "visual.proj"),
+    "freeze_text": (False, PartialConfig(freeze="text"), lambda n: _vision(n) or n == "text_projection"),
+    "projections": (False, PartialConfig(projections=True), lambda n: n in ("visual.proj", "text_projection")),
+    "projections_and_scale": (False, PartialConfig(projections=True, logit_scale=True),
+                              lambda n: n in ("visual.proj", "text_projection", "logit_scale")),
+    "last_block_vision_with_norm": (False, PartialConfig(last_blocks=1, block_towers=["vision"], final_norms=True),
+                                    lambda n: n.startswith(("visual.transformer.resblocks.1.", "visual.ln_post."))),
+    "logit_scale": (False, PartialConfig(logit_scale=True), lambda n: n == "logit_scale"),
+    "new_proj_dim": (False, PartialConfig(new_proj_dim=16), lambda n: n in ("visual.proj", "text_projection")),
+    "lora": (True, PartialConfig(), lambda n: "lora_" in n),
+    "projections_last2_lora": (True, PartialConfig(projections=True, last_blocks=2),
+                               lambda n: "lora_" in n or n in ("visual.proj", "text_projection")
+                               or ".resblocks." in n),
+}
+LORA = LoraConfig(r=2)
+
+
+def _clean(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def _build(case):
+    use_lora, partial, _ = TEST_CASES[case]
+    base = load_base(BaseConfig())
+    model = apply_strategy(base.model, StrategyConfig(lora=use_lora), LORA, partial, init_lora_weights=False)
+    return base, model, strategy_to_dict(StrategyConfig(lora=use_lora), LORA, partial)
+
+
+def _one_step(base, model):
+    optimizer = create_optimizer(model, TrainConfig(lr=1e-2))
+    images, texts = image_batch(model, n=4), base.tokenizer([f"text {i}" for i in range(4)])
+    image_features, text_features, scale = model(images, texts)
+    ContrastiveLoss()(image_features, text_features, scale).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("case", list(TEST_CASES))
+def test_one_step_changes_exactly_the_intended_parameters(case):
+    base, model, _ = _build(case)
+    before = {_clean(n): p.detach().clone() for n, p in model.named_parameters()}
+    _one_step(base, model)
+    should_change = TEST_CASES[case][2]
+    for name, param in model.named_parameters():
+        name = _clean(name)
+        changed = not torch.equal(param.detach(), before[name])
+        assert changed == should_change(name), f"{name}: changed={changed}"
+
+
+@pytest.mark.parametrize("case", list(TEST_CASES))
+def test_saved_file_holds_exactly_the_trained_tensors_and_reloads(case, tmp_path):
+    base, model, record = _build(case)
+    _one_step(base, model)
+    out = save_adapter(model, tmp_path / case, base.info, record)
+    trainable = {_clean(n).replace(".default", "") for n, p in model.named_parameters() if p.requires_grad}
+    stored = load_file(out / SAFETENSORS_WEIGHTS_NAME)
+    assert {_clean(k) for k in stored} == trainable
+    # Size: 8-byte header length, the JSON header, then 4 bytes per fp32 parameter.
+    raw = (out / SAFETENSORS_WEIGHTS_NAME).read_bytes()
+    header = struct.unpack("<Q", raw[:8])[0]
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert len(raw) - 8 - header == 4 * n_params
+    assert json.loads((out / "peftclip_config.json").read_text())["trainable_parameters"] == n_params
+
+    loaded = load_adapter(load_base(BaseConfig()), out)
+    images, texts = image_batch(model), text_batch(base)
+    with torch.no_grad():
+        model.eval()
+        for encode, inputs in (("encode_image", images), ("encode_text", texts)):
+            want, got = getattr(model, encode)(inputs), getattr(loaded, encode)(inputs)
+            assert torch.allclose(want, got, atol=1e-5, rtol=0), f"{encode}: {(want - got).abs().max()}"
+        assert torch.equal(model.logit_scale, loaded.logit_scale)
+
+
+def test_strategy_that_trains_nothing_is_refused():
+    with pytest.raises(ValueError, match="trains nothing"):
+        apply_strategy(load_base().model, StrategyConfig(lora=False), None, PartialConfig())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"freeze": "audio"}, "freeze='audio'"),
+                                                 ({"last_blocks": -1}, "last_blocks=-1"),
+                                                 ({"block_towers": ["tail"]}, "unknown tower 'tail'"),
+                                                 ({"new_proj_dim": 0}, "new_proj_dim=0")])
+def test_invalid_partial_config_names_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PartialConfig(**kwargs)
