@@ -15,9 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.attention import convert_attention
-from .adapters.partial import apply_partial
-from .adapters.strategy import inner_model, strategy_from_dict
+from .adapters.strategy import AdapterSpec, apply_strategy, inner_model
 from .models import BaseModel, file_sha256
 from .utils import write_json_atomic
 
@@ -71,7 +69,7 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
         model: the adapted model (a `peft.PeftModel` when LoRA is on).
         output_dir: destination folder; replaced if it exists.
         base_info: `BaseModel.info` of the base the adapter was trained on.
-        strategy: `strategy_to_dict(...)` of the applied methods.
+        strategy: `AdapterSpec.to_dict()` of the applied methods.
         training: the training config, recorded for reproducibility.
         adapter_name: which PEFT adapter to save.
     """
@@ -180,23 +178,16 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
     adapter_dir = Path(adapter_dir)
     metadata = read_metadata(adapter_dir)
     _check_base(adapter_dir, metadata["base"], base.info)
-    strategy, lora, partial = strategy_from_dict(metadata["strategy"])
-    model: nn.Module = base.model
-    convert_attention(model)
+    spec = AdapterSpec.from_dict(metadata["strategy"])
     tensors = load_file(adapter_dir / SAFETENSORS_WEIGHTS_NAME)
+    lora_tensors = {k: v for k, v in tensors.items() if "lora_" in k}
     try:
-        if strategy.lora:
-            peft_config = peft.LoraConfig.from_pretrained(str(adapter_dir))
-            peft_config.inference_mode = False
-            peft_config.base_model_name_or_path = None  # open_clip models carry no HF name to check against
-            model = peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
-            result = peft.set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if "lora_" in k},
-                                                    adapter_name=adapter_name)
+        model, _ = apply_strategy(base.model, spec, base.tokenizer, adapter_name)
+        if spec.lora is not None:
+            result = peft.set_peft_model_state_dict(model, lora_tensors, adapter_name=adapter_name)
             if result.unexpected_keys:
                 raise AdapterError(f"{adapter_dir}: unexpected LoRA tensors {result.unexpected_keys[:3]}")
-        if partial is not None:
-            apply_partial(inner_model(model), partial)
-        _load_extra_tensors(adapter_dir, inner_model(model), {k: v for k, v in tensors.items() if "lora_" not in k})
+        _load_extra_tensors(adapter_dir, inner_model(model), {k: v for k, v in tensors.items() if k not in lora_tensors})
     except (RuntimeError, ValueError, KeyError) as e:
         raise AdapterError(f"{adapter_dir}: cannot load onto {base.info.get('model_name')}: {e}") from e
     if not is_trainable:

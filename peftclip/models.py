@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import open_clip
 import torch
 from torch import nn
 
-from .utils import config_from_dict
+from .utils import ConfigMixin
 
 __all__ = ["BaseConfig", "BaseModel", "TINY_MODEL", "describe_base", "freeze", "load_base"]
 
@@ -23,8 +23,10 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 @dataclass
-class BaseConfig:
+class BaseConfig(ConfigMixin):
     """Which open_clip model to load as the frozen base."""
+
+    section: ClassVar[str] = "base"
 
     model_name: str = field(
         default=TINY_MODEL,
@@ -41,9 +43,6 @@ class BaseConfig:
         if not self.model_name:
             raise ValueError("model_name must not be empty")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BaseConfig":
-        return config_from_dict(cls, data, "base")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpointer, ResumeError, find_latest_checkpoint
 from .evaluate import retrieval_recall
 from .losses import ContrastiveLoss
-from .utils import config_from_dict
+from .utils import ConfigMixin
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
            "create_scheduler", "evaluate_retrieval", "format_metrics_table", "result_fingerprint",
@@ -30,8 +30,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     """How to train: optimiser, schedule, batch, precision and where to write the adapter."""
+
+    section: ClassVar[str] = "train"
 
     output_dir: str = field(default="outputs/lora_retrieval", metadata={"help": "Adapter output folder."})
     epochs: int = field(default=10, metadata={"help": "Passes over the training images."})
@@ -71,12 +73,7 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from {MIXED_PRECISION}")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return config_from_dict(cls, data, "train")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def result_fingerprint(sections: dict[str, Any], base_info: dict[str, Any]) -> dict[str, Any]:

@@ -7,9 +7,22 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 T = TypeVar("T")
+
+
+class ConfigMixin:
+    """JSON round-trip for config dataclasses; `section` names the class in configs and errors."""
+
+    section: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        return config_from_dict(cls, data, cls.section)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:

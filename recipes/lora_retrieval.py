@@ -14,14 +14,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from peftclip.data import DataConfig, EvalImages, TrainPairs, eval_texts, load_pairs
+from peftclip.synthetic import default_data_dir, make_shapes_dataset
+
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.config import add_config_arguments, parse_config
-from peftclip.data import DataConfig, EvalImages, TrainPairs, eval_texts, load_pairs
 from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
-from peftclip.synthetic import default_data_dir, make_shapes_dataset
-from peftclip.train import (TrainConfig, create_accelerator, evaluate_retrieval, format_metrics_table,
-                            result_fingerprint, train_contrastive)
+from peftclip.train import (
+    TrainConfig,
+    create_accelerator,
+    evaluate_retrieval,
+    format_metrics_table,
+    result_fingerprint,
+    train_contrastive,
+)
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
 # The built-in default: tiny random base, generated shapes task (see peftclip/synthetic.py).

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from peftclip.adapters.lora import LoraConfig, apply_lora
-from peftclip.io import (ADAPTER_CONFIG_NAME, METADATA_NAME, SAFETENSORS_WEIGHTS_NAME, AdapterError, load_adapter,
-                         read_metadata, save_adapter)
+from peftclip.io import (
+    ADAPTER_CONFIG_NAME,
+    METADATA_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    AdapterError,
+    load_adapter,
+    read_metadata,
+    save_adapter,
+)
 from peftclip.models import BaseConfig, load_base
 from tests.conftest import image_batch, text_batch
 

@@ -12,7 +12,12 @@ from torch.utils.data import TensorDataset
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.checkpoint import ResumeError, find_latest_checkpoint
 from peftclip.models import load_base
-from peftclip.train import TrainConfig, TrainingError, create_accelerator, train_contrastive
+from peftclip.train import (
+    TrainConfig,
+    TrainingError,
+    create_accelerator,
+    train_contrastive,
+)
 
 N_PAIRS = 32
 

@@ -2,5 +2,29 @@
 
 from .attention import SplitMultiheadAttention, convert_attention
 from .lora import LoraConfig, apply_lora, lora_parameter_count
+from .partial import PartialConfig, apply_partial
+from .prompts import (
+    TextPromptConfig,
+    VisualPromptConfig,
+    attach_text_prompt,
+    attach_visual_prompt,
+)
+from .strategy import AdapterSpec, StrategyConfig, apply_strategy, inner_model
 
-__all__ = sorted(["LoraConfig", "SplitMultiheadAttention", "apply_lora", "convert_attention", "lora_parameter_count"])
+__all__ = [
+    "AdapterSpec",
+    "LoraConfig",
+    "PartialConfig",
+    "SplitMultiheadAttention",
+    "StrategyConfig",
+    "TextPromptConfig",
+    "VisualPromptConfig",
+    "apply_lora",
+    "apply_partial",
+    "apply_strategy",
+    "attach_text_prompt",
+    "attach_visual_prompt",
+    "convert_attention",
+    "inner_model",
+    "lora_parameter_count",
+]

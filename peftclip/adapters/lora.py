@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import peft
 from torch import nn
 
-from ..utils import config_from_dict
+from ..utils import ConfigMixin
 from .attention import convert_attention
 
 __all__ = ["LoraConfig", "TARGETS", "TOWERS", "apply_lora", "lora_parameter_count", "lora_target_names",
@@ -32,8 +32,10 @@ TARGETS: dict[str, str] = {
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(ConfigMixin):
     """Where LoRA goes in an open_clip model and how large it is."""
+
+    section: ClassVar[str] = "lora"
 
     towers: list[str] = field(default_factory=lambda: ["vision", "text"],
                               metadata={"help": f"Towers to adapt, among {sorted(TOWERS)}."})
@@ -71,12 +73,7 @@ class LoraConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        return config_from_dict(cls, data, "lora")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _block_indices(blocks: str | int | list[int], n_blocks: int, tower: str) -> list[int]:

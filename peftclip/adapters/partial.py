@@ -6,13 +6,13 @@ PEFT's `modules_to_save` only handles whole modules, so bare parameters such as
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..utils import config_from_dict
+from ..utils import ConfigMixin
 from .lora import TOWERS, tower_blocks_path
 
 __all__ = ["PartialConfig", "apply_partial", "tower_of"]
@@ -23,8 +23,10 @@ _SHARED = ("logit_scale", "logit_bias")
 
 
 @dataclass
-class PartialConfig:
+class PartialConfig(ConfigMixin):
     """Which base parameters train, as named strategies that combine."""
+
+    section: ClassVar[str] = "partial"
 
     full: bool = field(default=False, metadata={"help": "Train every base parameter."})
     freeze: str | None = field(default=None, metadata={
@@ -55,12 +57,7 @@ class PartialConfig:
         return (self.full or self.freeze is not None or self.projections or self.logit_scale
                 or self.last_blocks > 0 or self.new_proj_dim is not None)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PartialConfig":
-        return config_from_dict(cls, data, "partial")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def tower_of(name: str) -> str | None:

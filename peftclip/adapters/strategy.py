@@ -2,29 +2,72 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import peft
 from torch import nn
 
-from ..utils import config_from_dict
+from ..utils import ConfigMixin
 from .attention import convert_attention
 from .lora import LoraConfig, apply_lora
 from .partial import PartialConfig, apply_partial
+from .prompts import (
+    TextPromptConfig,
+    VisualPromptConfig,
+    attach_text_prompt,
+    attach_visual_prompt,
+)
 
-__all__ = ["StrategyConfig", "apply_strategy", "inner_model", "strategy_from_dict", "strategy_to_dict"]
+__all__ = ["AdapterSpec", "StrategyConfig", "apply_strategy", "inner_model"]
 
 
 @dataclass
-class StrategyConfig:
-    """Which adapter methods are on; each method's own settings live in its own section."""
+class StrategyConfig(ConfigMixin):
+    """Which adapter methods are on; each method's settings live in its own config section."""
+
+    section: ClassVar[str] = "strategy"
 
     lora: bool = field(default=True, metadata={"help": "Apply LoRA as set in the lora section."})
+    text_prompt: bool = field(default=False, metadata={"help": "Learn CoOp text context vectors."})
+    visual_prompt: bool = field(default=False, metadata={"help": "Learn VPT visual prompt tokens."})
+
+
+
+@dataclass
+class AdapterSpec:
+    """The methods applied to a base and their settings; None means the method is off."""
+
+    lora: LoraConfig | None = None
+    partial: PartialConfig | None = None
+    text_prompt: TextPromptConfig | None = None
+    visual_prompt: VisualPromptConfig | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StrategyConfig":
-        return config_from_dict(cls, data, "strategy")
+    def from_sections(cls, strategy: StrategyConfig, sections: dict[str, Any]) -> "AdapterSpec":
+        """Pick each enabled method's section from parsed config sections."""
+        partial = sections.get("partial")
+        return cls(lora=sections.get("lora", LoraConfig()) if strategy.lora else None,
+                   partial=partial if partial is not None and partial.active else None,
+                   text_prompt=sections.get("text_prompt", TextPromptConfig()) if strategy.text_prompt else None,
+                   visual_prompt=(sections.get("visual_prompt", VisualPromptConfig())
+                                  if strategy.visual_prompt else None))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: config.to_dict() for name, config in self._methods().items() if config is not None}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "AdapterSpec":
+        types = {"lora": LoraConfig, "partial": PartialConfig, "text_prompt": TextPromptConfig,
+                 "visual_prompt": VisualPromptConfig}
+        unknown = sorted(set(record) - set(types))
+        if unknown:
+            raise ValueError(f"unknown adapter method(s) {unknown}; known: {sorted(types)}")
+        return cls(**{name: types[name].from_dict(values) for name, values in record.items()})
+
+    def _methods(self) -> dict[str, Any]:
+        return {"lora": self.lora, "partial": self.partial, "text_prompt": self.text_prompt,
+                "visual_prompt": self.visual_prompt}
 
 
 def inner_model(model: nn.Module) -> nn.Module:
@@ -32,37 +75,27 @@ def inner_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, peft.PeftModel) else model
 
 
-def apply_strategy(model: nn.Module, strategy: StrategyConfig, lora: LoraConfig | None = None,
-                   partial: PartialConfig | None = None, adapter_name: str = "default",
-                   **peft_overrides: Any) -> nn.Module:
-    """Make exactly the parameters the chosen methods train trainable; return the (maybe wrapped) model.
+def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | None = None,
+                   adapter_name: str = "default", **peft_overrides: Any) -> tuple[nn.Module, Callable | None]:
+    """Make exactly the parameters of the chosen methods trainable.
 
-    Returns a `peft.PeftModel` when LoRA is on, else `model` itself. The description of what
-    was applied is `strategy_to_dict(...)`, which `load_adapter` uses to rebuild the structure.
+    Returns the model (a `peft.PeftModel` when LoRA is on) and the tokenizer texts must go
+    through (the prompt-aware one when text prompts are on, else `tokenizer`).
+
+    >>> model, tokenize = apply_strategy(base.model, AdapterSpec(lora=LoraConfig()), base.tokenizer)  # doctest: +SKIP
     """
     convert_attention(model)
-    if strategy.lora:
-        model = apply_lora(model, lora or LoraConfig(), adapter_name, **peft_overrides)
-    if partial is not None and partial.active:
-        apply_partial(inner_model(model), partial)
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora, adapter_name, **peft_overrides)
+    inner = inner_model(model)
+    if spec.partial is not None:
+        apply_partial(inner, spec.partial)
+    if spec.text_prompt is not None:
+        if tokenizer is None:
+            raise ValueError("text prompts need the base's tokenizer")
+        tokenizer = attach_text_prompt(inner, spec.text_prompt, tokenizer).tokenize
+    if spec.visual_prompt is not None:
+        attach_visual_prompt(inner, spec.visual_prompt)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the strategy trains nothing: enable LoRA or choose parameters to unfreeze")
-    return model
-
-
-def strategy_to_dict(strategy: StrategyConfig, lora: LoraConfig | None,
-                     partial: PartialConfig | None) -> dict[str, Any]:
-    """The metadata record of an applied strategy (methods that are off are left out)."""
-    record: dict[str, Any] = {}
-    if strategy.lora:
-        record["lora"] = (lora or LoraConfig()).to_dict()
-    if partial is not None and partial.active:
-        record["partial"] = partial.to_dict()
-    return record
-
-
-def strategy_from_dict(record: dict[str, Any]) -> tuple[StrategyConfig, LoraConfig | None, PartialConfig | None]:
-    """Inverse of `strategy_to_dict`."""
-    lora = LoraConfig.from_dict(record["lora"]) if "lora" in record else None
-    partial = PartialConfig.from_dict(record["partial"]) if "partial" in record else None
-    return StrategyConfig(lora=lora is not None), lora, partial
+        raise ValueError("the strategy trains nothing: enable LoRA, prompts, or parameters to unfreeze")
+    return model, tokenizer

@@ -11,37 +11,51 @@ from safetensors.torch import load_file
 
 from peftclip.adapters.lora import LoraConfig
 from peftclip.adapters.partial import PartialConfig
-from peftclip.adapters.strategy import StrategyConfig, apply_strategy, strategy_to_dict
+from peftclip.adapters.prompts import TextPromptConfig, VisualPromptConfig
+from peftclip.adapters.strategy import AdapterSpec, apply_strategy
 from peftclip.io import SAFETENSORS_WEIGHTS_NAME, load_adapter, save_adapter
 from peftclip.losses import ContrastiveLoss
 from peftclip.models import BaseConfig, load_base
 from peftclip.train import TrainConfig, create_optimizer
-from tests.conftest import image_batch, text_batch
+from tests.conftest import image_batch
 
 
 def _vision(name):
     return name.startswith("visual.")
 
 
-# id -> (lora on?, PartialConfig, predicate over clean base parameter names that must change)
-TEST_CASES = {
-    "full": (False, PartialConfig(full=True), lambda n: True),
-    "freeze_vision": (False, PartialConfig(freeze="vision"),
-                      lambda n: (not _vision(n) and n != "logit_scale") or n == "visual.proj"),
-    "freeze_text": (False, PartialConfig(freeze="text"), lambda n: _vision(n) or n == "text_projection"),
-    "projections": (False, PartialConfig(projections=True), lambda n: n in ("visual.proj", "text_projection")),
-    "projections_and_scale": (False, PartialConfig(projections=True, logit_scale=True),
-                              lambda n: n in ("visual.proj", "text_projection", "logit_scale")),
-    "last_block_vision_with_norm": (False, PartialConfig(last_blocks=1, block_towers=["vision"], final_norms=True),
-                                    lambda n: n.startswith(("visual.transformer.resblocks.1.", "visual.ln_post."))),
-    "logit_scale": (False, PartialConfig(logit_scale=True), lambda n: n == "logit_scale"),
-    "new_proj_dim": (False, PartialConfig(new_proj_dim=16), lambda n: n in ("visual.proj", "text_projection")),
-    "lora": (True, PartialConfig(), lambda n: "lora_" in n),
-    "projections_last2_lora": (True, PartialConfig(projections=True, last_blocks=2),
-                               lambda n: "lora_" in n or n in ("visual.proj", "text_projection")
-                               or ".resblocks." in n),
-}
 LORA = LoraConfig(r=2)
+PROJ = ("visual.proj", "text_projection")
+# id -> (AdapterSpec, predicate over clean parameter names that must change after one step)
+TEST_CASES = {
+    "full": (AdapterSpec(partial=PartialConfig(full=True)), lambda n: not n.startswith("peftclip_")),
+    "freeze_vision": (AdapterSpec(partial=PartialConfig(freeze="vision")),
+                      lambda n: (not _vision(n) and n != "logit_scale") or n == "visual.proj"),
+    "freeze_text": (AdapterSpec(partial=PartialConfig(freeze="text")), lambda n: _vision(n) or n == "text_projection"),
+    "projections": (AdapterSpec(partial=PartialConfig(projections=True)), lambda n: n in PROJ),
+    "projections_and_scale": (AdapterSpec(partial=PartialConfig(projections=True, logit_scale=True)),
+                              lambda n: n in PROJ or n == "logit_scale"),
+    "last_block_vision_with_norm": (
+        AdapterSpec(partial=PartialConfig(last_blocks=1, block_towers=["vision"], final_norms=True)),
+        lambda n: n.startswith(("visual.transformer.resblocks.1.", "visual.ln_post."))),
+    "logit_scale": (AdapterSpec(partial=PartialConfig(logit_scale=True)), lambda n: n == "logit_scale"),
+    "new_proj_dim": (AdapterSpec(partial=PartialConfig(new_proj_dim=16)), lambda n: n in PROJ),
+    "lora": (AdapterSpec(lora=LORA), lambda n: "lora_" in n),
+    "projections_last2_lora": (AdapterSpec(lora=LORA, partial=PartialConfig(projections=True, last_blocks=2)),
+                               lambda n: "lora_" in n or n in PROJ or ".resblocks." in n),
+    "text_prompt": (AdapterSpec(text_prompt=TextPromptConfig(n_ctx=3)), lambda n: n.startswith("peftclip_text")),
+    "text_prompt_init_class_specific": (
+        AdapterSpec(text_prompt=TextPromptConfig(ctx_init="a photo of a", class_specific=True, n_classes=4)),
+        lambda n: n.startswith("peftclip_text")),
+    "visual_prompt_deep": (AdapterSpec(visual_prompt=VisualPromptConfig(n_tokens=2, deep=True)),
+                           lambda n: n.startswith("peftclip_visual")),
+    "text_prompt_and_logit_scale": (
+        AdapterSpec(text_prompt=TextPromptConfig(), partial=PartialConfig(logit_scale=True)),
+        lambda n: n.startswith("peftclip_text") or n == "logit_scale"),
+    "both_prompts_and_lora": (
+        AdapterSpec(lora=LORA, text_prompt=TextPromptConfig(), visual_prompt=VisualPromptConfig()),
+        lambda n: "lora_" in n or n.startswith("peftclip_")),
+}
 
 
 def _clean(name: str) -> str:
@@ -49,15 +63,15 @@ def _clean(name: str) -> str:
 
 
 def _build(case):
-    use_lora, partial, _ = TEST_CASES[case]
+    spec = TEST_CASES[case][0]
     base = load_base(BaseConfig())
-    model = apply_strategy(base.model, StrategyConfig(lora=use_lora), LORA, partial, init_lora_weights=False)
-    return base, model, strategy_to_dict(StrategyConfig(lora=use_lora), LORA, partial)
+    model, tokenize = apply_strategy(base.model, spec, base.tokenizer, init_lora_weights=False)
+    return base, model, tokenize, spec.to_dict()
 
 
-def _one_step(base, model):
+def _one_step(model, tokenize):
     optimizer = create_optimizer(model, TrainConfig(lr=1e-2))
-    images, texts = image_batch(model, n=4), base.tokenizer([f"text {i}" for i in range(4)])
+    images, texts = image_batch(model, n=4), tokenize([f"text {i}" for i in range(4)])
     image_features, text_features, scale = model(images, texts)
     ContrastiveLoss()(image_features, text_features, scale).backward()
     optimizer.step()
@@ -65,10 +79,10 @@ def _one_step(base, model):
 
 @pytest.mark.parametrize("case", list(TEST_CASES))
 def test_one_step_changes_exactly_the_intended_parameters(case):
-    base, model, _ = _build(case)
+    base, model, tokenize, _ = _build(case)
     before = {_clean(n): p.detach().clone() for n, p in model.named_parameters()}
-    _one_step(base, model)
-    should_change = TEST_CASES[case][2]
+    _one_step(model, tokenize)
+    should_change = TEST_CASES[case][1]
     for name, param in model.named_parameters():
         name = _clean(name)
         changed = not torch.equal(param.detach(), before[name])
@@ -77,8 +91,8 @@ def test_one_step_changes_exactly_the_intended_parameters(case):
 
 @pytest.mark.parametrize("case", list(TEST_CASES))
 def test_saved_file_holds_exactly_the_trained_tensors_and_reloads(case, tmp_path):
-    base, model, record = _build(case)
-    _one_step(base, model)
+    base, model, tokenize, record = _build(case)
+    _one_step(model, tokenize)
     out = save_adapter(model, tmp_path / case, base.info, record)
     trainable = {_clean(n).replace(".default", "") for n, p in model.named_parameters() if p.requires_grad}
     stored = load_file(out / SAFETENSORS_WEIGHTS_NAME)
@@ -91,7 +105,7 @@ def test_saved_file_holds_exactly_the_trained_tensors_and_reloads(case, tmp_path
     assert json.loads((out / "peftclip_config.json").read_text())["trainable_parameters"] == n_params
 
     loaded = load_adapter(load_base(BaseConfig()), out)
-    images, texts = image_batch(model), text_batch(base)
+    images, texts = image_batch(model), tokenize([f"text {i}" for i in range(4)])
     with torch.no_grad():
         model.eval()
         for encode, inputs in (("encode_image", images), ("encode_text", texts)):
@@ -102,7 +116,7 @@ def test_saved_file_holds_exactly_the_trained_tensors_and_reloads(case, tmp_path
 
 def test_strategy_that_trains_nothing_is_refused():
     with pytest.raises(ValueError, match="trains nothing"):
-        apply_strategy(load_base().model, StrategyConfig(lora=False), None, PartialConfig())
+        apply_strategy(load_base().model, AdapterSpec())
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"freeze": "audio"}, "freeze='audio'"),

@@ -1,0 +1,154 @@
+"""Prompt tuning: learned text context vectors (CoOp) and visual prompt tokens (VPT).
+
+Both attach to a frozen open_clip `CLIP` through forward hooks, so the base's own
+forward code runs unchanged and the prompts compose with LoRA and partial tuning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..utils import ConfigMixin
+
+__all__ = ["TextPrompt", "TextPromptConfig", "VisualPrompt", "VisualPromptConfig", "attach_text_prompt",
+           "attach_visual_prompt"]
+
+TEXT_PROMPT_NAME = "peftclip_text_prompt"
+VISUAL_PROMPT_NAME = "peftclip_visual_prompt"
+_PLACEHOLDER = "X"  # one BPE token; its embeddings are overwritten by the context vectors
+
+
+@dataclass
+class TextPromptConfig(ConfigMixin):
+    """CoOp-style learned context replacing the prompt words before a class name or caption."""
+
+    section: ClassVar[str] = "text_prompt"
+
+    n_ctx: int = field(default=4, metadata={"help": "Number of learned context vectors."})
+    ctx_init: str | None = field(default=None, metadata={
+        "help": "Initialise from this phrase's token embeddings (e.g. 'a photo of a'); sets n_ctx."})
+    class_specific: bool = field(default=False, metadata={"help": "One context per class instead of shared."})
+    n_classes: int | None = field(default=None, metadata={"help": "Number of classes, for class_specific."})
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ValueError(f"n_ctx={self.n_ctx}: must be at least 1")
+        if self.class_specific and not (self.n_classes and self.n_classes > 0):
+            raise ValueError("class_specific text prompts need n_classes > 0")
+
+
+
+
+@dataclass
+class VisualPromptConfig(ConfigMixin):
+    """VPT: learned tokens inserted after the class token, at the input (shallow) or every block (deep)."""
+
+    section: ClassVar[str] = "visual_prompt"
+
+    n_tokens: int = field(default=4, metadata={"help": "Number of visual prompt tokens."})
+    deep: bool = field(default=False, metadata={"help": "Fresh prompt tokens at every block (VPT-deep)."})
+
+    def __post_init__(self) -> None:
+        if self.n_tokens < 1:
+            raise ValueError(f"n_tokens={self.n_tokens}: must be at least 1")
+
+
+
+
+class TextPrompt(nn.Module):
+    """Context vectors written over the placeholder tokens after start-of-text.
+
+    Texts must be tokenized with `tokenize`, which puts `n_ctx` placeholders after the
+    start token; the end-of-text token stays the largest id, so open_clip's argmax
+    pooling still finds it.
+    """
+
+    def __init__(self, config: TextPromptConfig, width: int, tokenizer: Callable,
+                 token_embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.config = config
+        self._tokenizer = tokenizer
+        if config.ctx_init:
+            ids = tokenizer([config.ctx_init])[0]
+            n_words = int((ids != 0).sum()) - 2  # drop start and end tokens
+            config.n_ctx = n_words
+            with torch.no_grad():
+                init = token_embedding(ids[1:1 + n_words].to(token_embedding.weight.device)).float()
+        else:
+            init = torch.randn(config.n_ctx, width) * 0.02
+        if config.class_specific:
+            init = init.unsqueeze(0).repeat(config.n_classes, 1, 1)
+        self.ctx = nn.Parameter(init.clone())  # (n_ctx, width) or (n_classes, n_ctx, width)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids with `n_ctx` placeholders after the start token."""
+        prefix = " ".join([_PLACEHOLDER] * self.config.n_ctx)
+        return self._tokenizer([f"{prefix} {text}" for text in texts])
+
+    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        n = self.config.n_ctx
+        ctx = self.ctx.to(output.dtype)
+        if self.config.class_specific:
+            if output.shape[0] != self.config.n_classes:
+                raise ValueError(f"class-specific prompts need one text per class in class order "
+                                 f"({self.config.n_classes}), got {output.shape[0]} texts")
+        else:
+            ctx = ctx.unsqueeze(0).expand(output.shape[0], -1, -1)
+        return torch.cat([output[:, :1], ctx, output[:, 1 + n:]], dim=1)
+
+
+class VisualPrompt(nn.Module):
+    """Prompt tokens placed right after the class token; replaced at every block when deep."""
+
+    def __init__(self, config: VisualPromptConfig, width: int, n_blocks: int) -> None:
+        super().__init__()
+        self.config = config
+        depth = n_blocks if config.deep else 1
+        self.prompts = nn.Parameter(torch.randn(depth, config.n_tokens, width) * 0.02)
+
+    def insert(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """After `ln_pre`: (B, 1 + P, D) -> (B, 1 + n + P, D)."""
+        prompts = self.prompts[0].to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
+        return torch.cat([output[:, :1], prompts, output[:, 1:]], dim=1)
+
+    def replace(self, index: int) -> Callable:
+        """A pre-hook for block `index` writing that block's prompts over the prompt positions."""
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            x = args[0]
+            n = self.config.n_tokens
+            prompts = self.prompts[index].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            return (torch.cat([x[:, :1], prompts, x[:, 1 + n:]], dim=1), *args[1:]), kwargs
+        return hook
+
+
+def attach_text_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: Callable) -> TextPrompt:
+    """Add trainable context vectors to `model`'s text tower; returns the module (use its `tokenize`)."""
+    if not hasattr(model, "token_embedding"):
+        raise ValueError(f"{type(model).__name__} has no token_embedding; text prompts need open_clip's CLIP")
+    prompt = TextPrompt(config, model.token_embedding.embedding_dim, tokenizer, model.token_embedding)
+    prompt.to(model.token_embedding.weight.device)
+    model.add_module(TEXT_PROMPT_NAME, prompt)
+    model.token_embedding.register_forward_hook(prompt.hook)
+    return prompt
+
+
+def attach_visual_prompt(model: nn.Module, config: VisualPromptConfig) -> VisualPrompt:
+    """Add trainable prompt tokens to `model`'s vision transformer; returns the module."""
+    visual = model.visual
+    if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "attn_pool", None) is not None:
+        raise ValueError("visual prompts need class-token pooling (pool_type='tok')")
+    if not visual.transformer.batch_first:
+        raise ValueError("visual prompts need a batch-first vision transformer")
+    blocks = visual.transformer.resblocks
+    prompt = VisualPrompt(config, visual.transformer.width, len(blocks))
+    prompt.to(visual.conv1.weight.device)
+    model.add_module(VISUAL_PROMPT_NAME, prompt)
+    visual.ln_pre.register_forward_hook(prompt.insert)
+    if config.deep:
+        for index in range(1, len(blocks)):
+            blocks[index].register_forward_pre_hook(prompt.replace(index), with_kwargs=True)
+    return prompt
