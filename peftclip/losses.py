@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContrastiveLoss", "gather_features"]
+__all__ = ["ContrastiveLoss", "LossFn", "contrastive_step", "cross_entropy_step", "gather_features"]
+
+# A training objective: (model, batch) -> scalar loss.
+LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
 
 
 def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -46,3 +51,19 @@ class ContrastiveLoss(nn.Module):
         logits_per_text = scale * text_features @ all_images.T  # (B_local, B_global)
         labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+_CONTRASTIVE = ContrastiveLoss()
+
+
+def contrastive_step(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Symmetric InfoNCE for a batch of (images, texts) through a CLIP-style `model(images, texts)`."""
+    images, texts = batch[0], batch[1]
+    image_features, text_features, logit_scale = model(images, texts)
+    return _CONTRASTIVE(image_features, text_features, logit_scale)
+
+
+def cross_entropy_step(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy for a batch of (images, labels) through a classifier `model(images) -> logits`."""
+    images, labels = batch[0], batch[1]
+    return F.cross_entropy(model(images).float(), labels)

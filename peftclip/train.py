@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer, ResumeError, find_latest_checkpoint
 from .evaluate import retrieval_recall
-from .losses import ContrastiveLoss
+from .losses import LossFn, contrastive_step
 from .utils import ConfigMixin
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
            "create_scheduler", "evaluate_retrieval", "format_metrics_table", "result_fingerprint",
-           "train_contrastive"]
+           "train"]
 
 # Settings that do not change a run's result, and so may differ on resume.
 _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size", "checkpoint_every_steps",
@@ -182,88 +182,107 @@ def _resume(checkpointer: Checkpointer, config: TrainConfig) -> dict[str, Any] |
     return checkpointer.load(path)
 
 
-def train_contrastive(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: Accelerator,
-                      loss_fn: nn.Module | None = None, fingerprint: dict[str, Any] | None = None) -> TrainResult:
-    """Train the trainable parameters of a CLIP-style `model` with the symmetric contrastive loss.
+@dataclass
+class _Loop:
+    """The prepared objects one training run steps through."""
 
-    `model(images, texts)` must return (image_features, text_features, logit_scale). `dataset`
-    yields (image, tokens); if it has `set_epoch`, it is called at each epoch so caption
-    sampling changes. Checkpoints and resume follow `config`; `fingerprint` (the settings that
-    change the result) must match for a resume to be accepted.
+    model: nn.Module
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    compute_loss: LossFn
+    dataset: Dataset
+    generator: torch.Generator
+    total_steps: int
+    config: TrainConfig
+    accelerator: Accelerator
+    checkpointer: Checkpointer
+    result: TrainResult
+    progress: Any
+
+
+def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: Accelerator,
+          compute_loss: LossFn = contrastive_step, fingerprint: dict[str, Any] | None = None) -> TrainResult:
+    """Train `model`'s trainable parameters on `dataset` with `compute_loss(model, batch)`.
+
+    The default objective is the symmetric contrastive loss on (image, tokens) batches. If
+    `dataset` has `set_epoch`, it is called each epoch so caption sampling changes.
+    Checkpoints and resume follow `config`; `fingerprint` (the settings that change the
+    result) must match for a resume to be accepted.
+
+    >>> result = train(model, TrainPairs(...), TrainConfig(max_steps=10), create_accelerator(...))  # doctest: +SKIP
     """
     generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                         num_workers=config.num_workers, generator=generator)
     if len(loader) == 0:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(dataset)} images)")
+        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(dataset)} items)")
     optimizer = create_optimizer(model, config)
     total_steps = _total_steps(config, len(loader))
     scheduler = create_scheduler(optimizer, config.warmup_steps, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     checkpointer = Checkpointer(accelerator, config.output_dir, fingerprint or {}, config.checkpoint_every_steps,
                                 config.checkpoint_every_minutes, config.keep_checkpoints)
-    state = _resume(checkpointer, config)
-    result = TrainResult(losses=list(state["position"]["losses"]) if state else [],
-                         skipped_steps=state["position"]["skipped"] if state else 0,
-                         resumed_from=str(checkpointer.last_saved) if state else None)
-    start_epoch, start_batch = (state["position"]["epoch"], state["position"]["batch"]) if state else (0, 0)
-    progress = tqdm(total=total_steps, initial=len(result.losses), desc="train",
-                    disable=not accelerator.is_local_main_process)
     try:
-        for epoch in range(start_epoch, config.epochs):
+        state = _resume(checkpointer, config)
+        position = state["position"] if state else {"epoch": 0, "batch": 0, "losses": [], "skipped": 0}
+        result = TrainResult(losses=list(position["losses"]), skipped_steps=position["skipped"],
+                             resumed_from=str(checkpointer.last_saved) if state else None)
+        progress = tqdm(total=total_steps, initial=len(result.losses), desc="train",
+                        disable=not accelerator.is_local_main_process)
+        loop = _Loop(model, loader, optimizer, scheduler, compute_loss, dataset, generator, total_steps, config,
+                     accelerator, checkpointer, result, progress)
+        for epoch in range(position["epoch"], config.epochs):
             if len(result.losses) >= total_steps:
                 break
-            skip = start_batch if epoch == start_epoch else 0
-            _train_epoch(model, loader, optimizer, scheduler, loss_fn or ContrastiveLoss(), dataset, generator,
-                         epoch, skip, total_steps, config, accelerator, checkpointer, result, progress)
+            _train_epoch(loop, epoch, skip=position["batch"] if epoch == position["epoch"] else 0)
+        progress.close()
     except RuntimeError as e:
         if _is_oom(e):
             raise TrainingError(f"out of memory at batch_size={config.batch_size}: try a smaller --batch-size, "
                                 f"--grad-accum-steps, or gradient checkpointing") from None
         raise
     finally:
-        progress.close()
         checkpointer.close()
     accelerator.wait_for_everyone()
     result.last_checkpoint = str(checkpointer.last_saved) if checkpointer.last_saved else None
     return result
 
 
-def _train_epoch(model, loader, optimizer, scheduler, loss_fn, dataset, generator, epoch, skip, total_steps,
-                 config, accelerator, checkpointer, result, progress) -> None:
-    """One pass over `loader` from batch `skip`, stepping, guarding and checkpointing."""
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    generator.manual_seed(config.seed + epoch)  # shuffling is a function of the epoch alone
-    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-    model.train()
-    for batch, (images, texts) in enumerate(batches, start=skip):
-        _seed_step(config.seed, epoch, batch, accelerator.process_index)
-        with accelerator.accumulate(model):
-            image_features, text_features, logit_scale = model(images, texts)
-            loss = loss_fn(image_features, text_features, logit_scale)
+def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
+    """One pass over the loader from batch `skip`, stepping, guarding and checkpointing."""
+    config, accelerator, result = loop.config, loop.accelerator, loop.result
+    if hasattr(loop.dataset, "set_epoch"):
+        loop.dataset.set_epoch(epoch)
+    loop.generator.manual_seed(config.seed + epoch)  # shuffling is a function of the epoch alone
+    batches = accelerator.skip_first_batches(loop.loader, skip) if skip else loop.loader
+    loop.model.train()
+    for index, batch in enumerate(batches, start=skip):
+        _seed_step(config.seed, epoch, index, accelerator.process_index)
+        with accelerator.accumulate(loop.model):
+            loss = loop.compute_loss(loop.model, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+                grad_norm = accelerator.clip_grad_norm_(loop.model.parameters(), config.max_grad_norm or math.inf)
                 mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-                if _check_finite(mean_loss, float(grad_norm), len(result.losses), config,
-                                 str(checkpointer.last_saved) if checkpointer.last_saved else None):
-                    optimizer.step()
-                    scheduler.step()
+                last = str(loop.checkpointer.last_saved) if loop.checkpointer.last_saved else None
+                if _check_finite(mean_loss, float(grad_norm), len(result.losses), config, last):
+                    loop.optimizer.step()
+                    loop.scheduler.step()
                 else:
                     result.skipped_steps += 1
-            optimizer.zero_grad()
+            loop.optimizer.zero_grad()
         if not accelerator.sync_gradients:
             continue
         result.losses.append(mean_loss)
-        progress.update(1)
-        progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
+        loop.progress.update(1)
+        loop.progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
         step = len(result.losses)
-        if checkpointer.due(step) or (step >= total_steps and (config.checkpoint_every_steps
-                                                                or config.checkpoint_every_minutes)):
-            checkpointer.save(step, {"epoch": epoch, "batch": batch + 1, "losses": result.losses,
-                                     "skipped": result.skipped_steps})
-        if step >= total_steps:
+        final = step >= loop.total_steps and bool(config.checkpoint_every_steps or config.checkpoint_every_minutes)
+        if loop.checkpointer.due(step) or final:
+            loop.checkpointer.save(step, {"epoch": epoch, "batch": index + 1, "losses": result.losses,
+                                          "skipped": result.skipped_steps})
+        if step >= loop.total_steps:
             return
 
 

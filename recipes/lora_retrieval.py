@@ -27,7 +27,7 @@ from peftclip.train import (
     evaluate_retrieval,
     format_metrics_table,
     result_fingerprint,
-    train_contrastive,
+    train,
 )
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
@@ -65,7 +65,7 @@ def training_function(config: dict, accelerator) -> dict:
                                   train_config.eval_batch_size, train_config.num_workers)
 
     before = evaluate()
-    result = train_contrastive(model, train_set, train_config, accelerator,
+    result = train(model, train_set, train_config, accelerator,
                                fingerprint=result_fingerprint(config, base.info))
     after = evaluate()
     metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.losses import ContrastiveLoss
 from peftclip.models import load_base
-from peftclip.train import TrainConfig, create_accelerator, train_contrastive
+from peftclip.train import TrainConfig, create_accelerator, train
 
 GLOBAL_BATCH = 8
 
@@ -49,7 +49,7 @@ def main(out_dir: str) -> None:
     pids = accelerator.gather(torch.tensor([__import__("os").getpid()])).tolist()
 
     fresh, images, texts = make_model_and_batch()
-    loop_losses = train_contrastive(fresh, TensorDataset(images, texts), config, accelerator).losses
+    loop_losses = train(fresh, TensorDataset(images, texts), config, accelerator).losses
     if accelerator.is_main_process:
         out = Path(out_dir)
         save_file(grads, out / "grads.safetensors")

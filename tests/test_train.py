@@ -11,12 +11,13 @@ from torch.utils.data import TensorDataset
 
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.checkpoint import ResumeError, find_latest_checkpoint
+from peftclip.losses import contrastive_step
 from peftclip.models import load_base
 from peftclip.train import (
     TrainConfig,
     TrainingError,
     create_accelerator,
-    train_contrastive,
+    train,
 )
 
 N_PAIRS = 32
@@ -40,14 +41,14 @@ def _trainable(model):
 
 def test_loss_goes_down(tmp_path):
     model, data, config = _setup(tmp_path, epochs=6)
-    losses = train_contrastive(model, data, config, create_accelerator(config)).losses
+    losses = train(model, data, config, create_accelerator(config)).losses
     assert len(losses) == 6 * N_PAIRS // 8
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
 
 
 def test_checkpoints_hold_only_trainable_tensors_and_keep_the_last_k(tmp_path):
     model, data, config = _setup(tmp_path, checkpoint_every_steps=2, keep_checkpoints=2)
-    train_contrastive(model, data, config, create_accelerator(config))
+    train(model, data, config, create_accelerator(config))
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000006", "step-00000008"]
     latest = find_latest_checkpoint(tmp_path / "run")
@@ -59,12 +60,12 @@ def test_checkpoints_hold_only_trainable_tensors_and_keep_the_last_k(tmp_path):
 
 def test_resume_from_a_middle_checkpoint_ends_bitwise_equal(tmp_path):
     model, data, config = _setup(tmp_path, checkpoint_every_steps=3, keep_checkpoints=5)
-    full = train_contrastive(model, data, config, create_accelerator(config))
+    full = train(model, data, config, create_accelerator(config))
     expected = _trainable(model)
     middle = tmp_path / "run" / "checkpoints" / "step-00000003"  # mid-epoch: epoch 0, batch 3 of 4
     resumed_model, data, config = _setup(tmp_path, checkpoint_every_steps=3, keep_checkpoints=5,
                                          resume=str(middle))
-    resumed = train_contrastive(resumed_model, data, config, create_accelerator(config))
+    resumed = train(resumed_model, data, config, create_accelerator(config))
     assert resumed.resumed_from == str(middle)
     assert resumed.losses == full.losses
     for name, tensor in _trainable(resumed_model).items():
@@ -73,40 +74,39 @@ def test_resume_from_a_middle_checkpoint_ends_bitwise_equal(tmp_path):
 
 def test_resume_with_a_different_config_names_the_fields(tmp_path):
     model, data, config = _setup(tmp_path, checkpoint_every_steps=4)
-    train_contrastive(model, data, config, create_accelerator(config), fingerprint={"lora.r": 2, "train.lr": 0.01})
+    train(model, data, config, create_accelerator(config), fingerprint={"lora.r": 2, "train.lr": 0.01})
     model, data, config = _setup(tmp_path, resume="latest")
     with pytest.raises(ResumeError, match=r"differs in lora.r: checkpoint 2, now 4"):
-        train_contrastive(model, data, config, create_accelerator(config), fingerprint={"lora.r": 4, "train.lr": 0.01})
+        train(model, data, config, create_accelerator(config), fingerprint={"lora.r": 4, "train.lr": 0.01})
 
 
 def test_resume_latest_without_checkpoint_is_an_error(tmp_path):
     model, data, config = _setup(tmp_path, resume="latest")
     with pytest.raises(ResumeError, match="no complete checkpoint"):
-        train_contrastive(model, data, config, create_accelerator(config))
+        train(model, data, config, create_accelerator(config))
 
 
 class _NanAtStep:
-    """A loss that turns NaN on one call."""
+    """The contrastive objective, turned NaN on one call."""
 
     def __init__(self, bad_call: int) -> None:
-        from peftclip.losses import ContrastiveLoss
-        self.loss, self.calls, self.bad_call = ContrastiveLoss(), 0, bad_call
+        self.calls, self.bad_call = 0, bad_call
 
-    def __call__(self, *args):
+    def __call__(self, model, batch):
         self.calls += 1
-        value = self.loss(*args)
+        value = contrastive_step(model, batch)
         return value * math.nan if self.calls == self.bad_call else value
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
     model, data, config = _setup(tmp_path, checkpoint_every_steps=2)
     with pytest.raises(TrainingError, match=r"non-finite loss at step 3 .*last good checkpoint: .*step-00000002"):
-        train_contrastive(model, data, config, create_accelerator(config), loss_fn=_NanAtStep(3))
+        train(model, data, config, create_accelerator(config), compute_loss=_NanAtStep(3))
 
 
 def test_nonfinite_step_is_skipped_and_counted_when_asked(tmp_path):
     model, data, config = _setup(tmp_path, skip_nonfinite=True)
-    result = train_contrastive(model, data, config, create_accelerator(config), loss_fn=_NanAtStep(2))
+    result = train(model, data, config, create_accelerator(config), compute_loss=_NanAtStep(2))
     assert result.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in _trainable(model).values())
 
@@ -115,6 +115,6 @@ def test_same_seed_gives_same_weights(tmp_path):
     runs = []
     for _ in range(2):
         model, data, config = _setup(tmp_path)
-        train_contrastive(model, data, config, create_accelerator(config))
+        train(model, data, config, create_accelerator(config))
         runs.append(_trainable(model))
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
