@@ -182,7 +182,8 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
     tensors = load_file(adapter_dir / SAFETENSORS_WEIGHTS_NAME)
     lora_tensors = {k: v for k, v in tensors.items() if "lora_" in k}
     try:
-        model, _ = apply_strategy(base.model, spec, base.tokenizer, adapter_name)
+        head_weights = torch.zeros(spec.head.n_classes, base.model.visual.output_dim) if spec.head else None
+        model, _ = apply_strategy(base.model, spec, base.tokenizer, adapter_name, head_weights=head_weights)
         if spec.lora is not None:
             result = peft.set_peft_model_state_dict(model, lora_tensors, adapter_name=adapter_name)
             if result.unexpected_keys:

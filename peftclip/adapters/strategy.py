@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import peft
+import torch
 from torch import nn
 
 from ..utils import ConfigMixin
 from .attention import convert_attention
+from .heads import HeadConfig, attach_head
 from .lora import LoraConfig, apply_lora
 from .partial import PartialConfig, apply_partial
 from .prompts import (
@@ -31,6 +33,7 @@ class StrategyConfig(ConfigMixin):
     lora: bool = field(default=True, metadata={"help": "Apply LoRA as set in the lora section."})
     text_prompt: bool = field(default=False, metadata={"help": "Learn CoOp text context vectors."})
     visual_prompt: bool = field(default=False, metadata={"help": "Learn VPT visual prompt tokens."})
+    head: bool = field(default=False, metadata={"help": "Train a linear classification head (classification only)."})
 
 
 
@@ -42,6 +45,7 @@ class AdapterSpec:
     partial: PartialConfig | None = None
     text_prompt: TextPromptConfig | None = None
     visual_prompt: VisualPromptConfig | None = None
+    head: HeadConfig | None = None
 
     @classmethod
     def from_sections(cls, strategy: StrategyConfig, sections: dict[str, Any]) -> "AdapterSpec":
@@ -51,7 +55,8 @@ class AdapterSpec:
                    partial=partial if partial is not None and partial.active else None,
                    text_prompt=sections.get("text_prompt", TextPromptConfig()) if strategy.text_prompt else None,
                    visual_prompt=(sections.get("visual_prompt", VisualPromptConfig())
-                                  if strategy.visual_prompt else None))
+                                  if strategy.visual_prompt else None),
+                   head=sections.get("head", HeadConfig()) if strategy.head else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: config.to_dict() for name, config in self._methods().items() if config is not None}
@@ -59,7 +64,7 @@ class AdapterSpec:
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> "AdapterSpec":
         types = {"lora": LoraConfig, "partial": PartialConfig, "text_prompt": TextPromptConfig,
-                 "visual_prompt": VisualPromptConfig}
+                 "visual_prompt": VisualPromptConfig, "head": HeadConfig}
         unknown = sorted(set(record) - set(types))
         if unknown:
             raise ValueError(f"unknown adapter method(s) {unknown}; known: {sorted(types)}")
@@ -67,7 +72,7 @@ class AdapterSpec:
 
     def _methods(self) -> dict[str, Any]:
         return {"lora": self.lora, "partial": self.partial, "text_prompt": self.text_prompt,
-                "visual_prompt": self.visual_prompt}
+                "visual_prompt": self.visual_prompt, "head": self.head}
 
 
 def inner_model(model: nn.Module) -> nn.Module:
@@ -76,11 +81,14 @@ def inner_model(model: nn.Module) -> nn.Module:
 
 
 def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | None = None,
-                   adapter_name: str = "default", **peft_overrides: Any) -> tuple[nn.Module, Callable | None]:
+                   adapter_name: str = "default", head_weights: torch.Tensor | None = None,
+                   **peft_overrides: Any) -> tuple[nn.Module, Callable | None]:
     """Make exactly the parameters of the chosen methods trainable.
 
     Returns the model (a `peft.PeftModel` when LoRA is on) and the tokenizer texts must go
-    through (the prompt-aware one when text prompts are on, else `tokenizer`).
+    through (the prompt-aware one when text prompts are on, else `tokenizer`). With a head,
+    the model also gets `classify(images) -> logits` (see `classifier`); `head_weights`
+    are its zero-shot initial weights.
 
     >>> model, tokenize = apply_strategy(base.model, AdapterSpec(lora=LoraConfig()), base.tokenizer)  # doctest: +SKIP
     """
@@ -96,6 +104,8 @@ def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | No
         tokenizer = attach_text_prompt(inner, spec.text_prompt, tokenizer).tokenize
     if spec.visual_prompt is not None:
         attach_visual_prompt(inner, spec.visual_prompt)
+    if spec.head is not None:
+        attach_head(inner, spec.head, head_weights)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the strategy trains nothing: enable LoRA, prompts, or parameters to unfreeze")
     return model, tokenizer
