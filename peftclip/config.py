@@ -45,6 +45,22 @@ def _parse_blocks(text: str) -> str | int | list[int]:
         raise argparse.ArgumentTypeError(f"invalid blocks {text!r}: use 'all', N, or a comma list of indices")
 
 
+class _KeyValues(argparse.Action):
+    """Collect `key=value` words into a dict of floats."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pairs = {}
+        for word in values:
+            key, sep, value = word.partition("=")
+            try:
+                pairs[key] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                parser.error(f"{option_string}: expected name=number, got {word!r}")
+        setattr(namespace, self.dest, pairs)
+
+
 def _argument_kwargs(hint: Any, name: str) -> dict[str, Any]:
     """argparse keyword arguments for a field annotated `hint`."""
     if name == "blocks":
@@ -54,6 +70,8 @@ def _argument_kwargs(hint: Any, name: str) -> dict[str, Any]:
         hint = args[0]
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is dict:
+        return {"nargs": "+", "action": _KeyValues, "metavar": "NAME=VALUE"}
     if typing.get_origin(hint) is list:
         return {"nargs": "+", "type": typing.get_args(hint)[0]}
     if hint in (int, float, str):

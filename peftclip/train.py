@@ -18,8 +18,8 @@ from .evaluate import retrieval_recall
 from .losses import LossFn, contrastive_step
 from .utils import ConfigMixin
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
-           "create_scheduler", "evaluate_retrieval", "format_metrics_table", "result_fingerprint",
+__all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
+           "create_scheduler", "evaluate_retrieval", "format_metrics_table", "param_group", "result_fingerprint",
            "train"]
 
 # Settings that do not change a run's result, and so may differ on resume.
@@ -27,6 +27,7 @@ _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size",
                        "checkpoint_every_minutes", "keep_checkpoints"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+PARAM_GROUPS = ("lora", "prompts", "head", "projections", "blocks")
 
 
 @dataclass
@@ -42,6 +43,10 @@ class TrainConfig(ConfigMixin):
     grad_accum_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on biases/norms)."})
+    group_lr: dict[str, float] = field(default_factory=dict, metadata={
+        "help": f"Learning rate per parameter group, e.g. head=1e-2 lora=1e-3; groups: {PARAM_GROUPS}."})
+    group_weight_decay: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Weight decay per parameter group, e.g. projections=0.1 (never on biases, norms, logit_scale)."})
     warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps before the cosine decay."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm; None to disable."})
     mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISION}."})
@@ -70,6 +75,12 @@ class TrainConfig(ConfigMixin):
         for name in ("checkpoint_every_steps", "checkpoint_every_minutes"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+        for name in ("group_lr", "group_weight_decay"):
+            for group, value in getattr(self, name).items():
+                if group not in PARAM_GROUPS:
+                    raise ValueError(f"{name}: unknown parameter group {group!r}; choose from {PARAM_GROUPS}")
+                if value < 0 or (name == "group_lr" and value == 0):
+                    raise ValueError(f"{name}: {group}={value} must be positive")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from {MIXED_PRECISION}")
 
@@ -107,16 +118,36 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "logit_scale" in name or "norm" in name or "ln_" in name
 
 
+def param_group(name: str) -> str:
+    """Which of PARAM_GROUPS a trainable parameter belongs to, by its name."""
+    name = name.removeprefix("base_model.model.")
+    if "lora_" in name:
+        return "lora"
+    if name.startswith(("peftclip_text_prompt", "peftclip_visual_prompt")):
+        return "prompts"
+    if name.startswith("peftclip_head"):
+        return "head"
+    if name in ("visual.proj", "text_projection", "logit_scale", "logit_bias"):
+        return "projections"
+    return "blocks"
+
+
 def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases, norms and `logit_scale` get no weight decay."""
-    decay, no_decay = [], []
+    """AdamW with one group per (parameter group, decay or not) and each group's own lr and weight decay.
+
+    Biases, norms and `logit_scale` get no weight decay.
+    """
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
-    if not decay and not no_decay:
+            groups.setdefault((param_group(name), _no_decay(name, param)), []).append(param)
+    if not groups:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    return torch.optim.AdamW([
+        {"params": params, "name": group, "lr": config.group_lr.get(group, config.lr),
+         "weight_decay": 0.0 if no_decay else config.group_weight_decay.get(group, config.weight_decay)}
+        for (group, no_decay), params in sorted(groups.items(), key=lambda kv: kv[0])
+    ], lr=config.lr)
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,

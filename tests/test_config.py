@@ -60,3 +60,7 @@ def test_bad_config_file_names_the_problem(tmp_path, text, message):
 def test_missing_config_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         _parse(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_group_lr_flag_parses_name_value_pairs():
+    assert _parse(["--group-lr", "head=0.01", "lora=1e-3"])["train"].group_lr == {"head": 0.01, "lora": 1e-3}

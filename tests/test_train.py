@@ -118,3 +118,31 @@ def test_same_seed_gives_same_weights(tmp_path):
         train(model, data, config, create_accelerator(config))
         runs.append(_trainable(model))
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
+def test_parameter_groups_get_their_own_lr_and_no_decay_on_biases_and_scale():
+    from peftclip.adapters import AdapterSpec, PartialConfig, apply_strategy
+    from peftclip.train import create_optimizer
+
+    base = load_base()
+    model, _ = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2),
+                                                      partial=PartialConfig(projections=True, logit_scale=True,
+                                                                            last_blocks=1)))
+    config = TrainConfig(lr=1e-3, weight_decay=0.1, group_lr={"lora": 5e-3, "projections": 2e-2},
+                         group_weight_decay={"blocks": 0.3})
+    groups = {(g["name"], g["weight_decay"] > 0): g for g in create_optimizer(model, config).param_groups}
+    assert groups[("lora", True)]["lr"] == 5e-3 and groups[("lora", True)]["weight_decay"] == 0.1
+    assert groups[("projections", True)]["lr"] == 2e-2
+    assert groups[("blocks", True)]["lr"] == 1e-3 and groups[("blocks", True)]["weight_decay"] == 0.3
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = [names[id(p)] for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]]
+    assert any(n.endswith("logit_scale") for n in undecayed)
+    assert all(n.endswith(("bias", "logit_scale")) or "ln_" in n for n in undecayed)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"group_lr": {"heads": 1.0}}, "unknown parameter group 'heads'"),
+                                                 ({"group_lr": {"lora": -1.0}}, "lora=-1.0"),
+                                                 ({"lr": -0.1}, "lr=-0.1")])
+def test_invalid_train_config_names_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
