@@ -35,9 +35,9 @@ class BaseConfig(ConfigMixin):
     pretrained: str | None = field(
         default=None,
         metadata={"help": "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file; "
-                  "None gives random weights seeded by `seed`."},
+                  "None gives random weights seeded by `init_seed`."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed for random initialisation when `pretrained` is None."})
+    init_seed: int = field(default=0, metadata={"help": "Seed of the random weights when `pretrained` is None."})
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -104,7 +104,7 @@ def describe_base(config: BaseConfig) -> dict[str, Any]:
                             else config.model_name}
     if config.pretrained is None:
         info["pretrained"] = None
-        info["seed"] = config.seed
+        info["init_seed"] = config.init_seed
     elif Path(config.pretrained).is_file():
         info["pretrained"] = Path(config.pretrained).name
         info["weights_sha256"] = file_sha256(config.pretrained)
@@ -135,7 +135,7 @@ def load_base(config: BaseConfig | None = None, device: str | torch.device = "cp
     name = _resolve_model_name(config.model_name)
     _check_pretrained(name, config.pretrained)
     if config.pretrained is None:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.init_seed)
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=config.pretrained, device=device

@@ -1,12 +1,14 @@
-"""LoRA retrieval fine-tuning of an open_clip model on image–caption pairs.
+"""Retrieval fine-tuning of an open_clip model on image–caption pairs; LoRA by default.
 
 Supports: CPU, one GPU, or many processes (negatives gathered across processes),
-mixed precision (fp16/bf16), gradient accumulation, a YAML/JSON config with
-command-line overrides. With no arguments it adapts the tiny built-in base to a
-generated shapes task, offline, in a couple of minutes on 2 CPU cores.
+mixed precision (fp16/bf16), gradient accumulation, checkpoints and --resume,
+every strategy (LoRA, partial unfreezing, text/visual prompts, combined), and a
+YAML/JSON config with command-line overrides. With no arguments it adapts the tiny
+built-in base to a generated shapes task, offline, in a few minutes on 2 CPU cores.
 
     accelerate launch recipes/lora_retrieval.py
     python recipes/lora_retrieval.py --config recipes/configs/flickr8k.yaml
+    torchrun --nproc_per_node 2 recipes/lora_retrieval.py --cpu     # two CPU processes
 """
 
 from __future__ import annotations
@@ -14,13 +16,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from peftclip.data import DataConfig, EvalImages, TrainPairs, eval_texts, load_pairs
-from peftclip.synthetic import default_data_dir, make_shapes_dataset
-
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters import (
+    AdapterSpec,
+    LoraConfig,
+    PartialConfig,
+    StrategyConfig,
+    TextPromptConfig,
+    VisualPromptConfig,
+    apply_strategy,
+)
 from peftclip.config import add_config_arguments, parse_config
+from peftclip.data import DataConfig, EvalImages, TrainPairs, eval_texts, load_pairs
 from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
+from peftclip.synthetic import default_data_dir, make_shapes_dataset
 from peftclip.train import (
     TrainConfig,
     create_accelerator,
@@ -30,51 +39,51 @@ from peftclip.train import (
     train,
 )
 
-SECTIONS = {"base": BaseConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
-# The built-in default: tiny random base, generated shapes task (see peftclip/synthetic.py).
-DEFAULTS = {
-    "data": {"source": None},
-    "train": {"epochs": 12, "lr": 3e-3, "batch_size": 64, "output_dir": "outputs/lora_retrieval"},
-}
+SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig, "lora": LoraConfig,
+            "partial": PartialConfig, "text_prompt": TextPromptConfig, "visual_prompt": VisualPromptConfig,
+            "train": TrainConfig}
+# The built-in default: tiny random base, LoRA, the generated shapes task (peftclip/synthetic.py).
+DEFAULTS = {"train": {"epochs": 40, "lr": 3e-3, "batch_size": 64, "warmup_steps": 20,
+                      "output_dir": "outputs/lora_retrieval"}}
 
 
-def get_datasets(base, data_config: DataConfig, seed: int):
-    """Training pairs (one sampled caption per image) and the held-out images and captions."""
+def get_datasets(base, data_config: DataConfig, tokenize, seed: int):
+    """Training pairs (one caption sampled per image and epoch) and the held-out images and captions."""
     train_pairs, val_pairs = load_pairs(data_config)
-    train_set = TrainPairs(train_pairs, base.preprocess_train, base.tokenizer, seed=seed)
+    train_set = TrainPairs(train_pairs, base.preprocess_train, tokenize, seed=seed)
     captions, text_to_image = eval_texts(val_pairs)
     return train_set, EvalImages(val_pairs, base.preprocess_val), captions, text_to_image, train_pairs.skipped
 
 
 def training_function(config: dict, accelerator) -> dict:
-    """Load base → apply LoRA → evaluate → train → evaluate → save. Returns the metrics."""
+    """Load base → apply the strategy → evaluate → train → evaluate → save. Returns the metrics."""
     train_config: TrainConfig = config["train"]
     base = load_base(config["base"], device=accelerator.device)
+    spec = AdapterSpec.from_sections(config["strategy"], config)
+    model, tokenize = apply_strategy(base.model, spec, base.tokenizer)
     with accelerator.main_process_first():
         train_set, val_images, captions, text_to_image, skipped = get_datasets(
-            base, config["data"], train_config.seed)
-    accelerator.print(f"data: {len(train_set)} training images, {len(val_images)} held-out images, "
-                      f"{len(captions)} held-out captions" + (f", {skipped} bad rows skipped" if skipped else ""))
-    model = apply_lora(base.model, config["lora"])
+            base, config["data"], tokenize, train_config.seed)
+    accelerator.print(f"data: {len(train_set)} training images, {len(val_images)} held-out images with "
+                      f"{len(captions)} captions" + (f"; {skipped} bad rows skipped" if skipped else ""))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"LoRA: {trainable:,} trainable parameters "
-                      f"({100 * trainable / sum(p.numel() for p in model.parameters()):.2f}% of the model)")
+    total = sum(p.numel() for p in model.parameters())
+    accelerator.print(f"strategy {', '.join(spec.to_dict())}: {trainable:,} trainable parameters "
+                      f"({100 * trainable / total:.2f}% of {total:,})")
 
     def evaluate():
-        return evaluate_retrieval(accelerator, model, val_images, captions, text_to_image, base.tokenizer,
+        return evaluate_retrieval(accelerator, model, val_images, captions, text_to_image, tokenize,
                                   train_config.eval_batch_size, train_config.num_workers)
 
     before = evaluate()
-    result = train(model, train_set, train_config, accelerator,
-                               fingerprint=result_fingerprint(config, base.info))
+    result = train(model, train_set, train_config, accelerator, fingerprint=result_fingerprint(config, base.info))
     after = evaluate()
     metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
                "skipped_rows": skipped, "skipped_steps": result.skipped_steps}
     accelerator.print(format_metrics_table(before, after))
     if accelerator.is_main_process:
-        out = save_adapter(accelerator.unwrap_model(model), train_config.output_dir, base.info,
-                           strategy={"lora": config["lora"].to_dict()},
-                           training={"train": train_config.to_dict(), "data": vars(config["data"])})
+        out = save_adapter(accelerator.unwrap_model(model), train_config.output_dir, base.info, spec.to_dict(),
+                           training={"train": train_config.to_dict(), "data": config["data"].to_dict()})
         save_metrics(out, metrics)
         accelerator.print(f"adapter saved to {out}")
     accelerator.wait_for_everyone()
@@ -83,24 +92,25 @@ def training_function(config: dict, accelerator) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML or JSON file with base/data/lora/train sections; flags override it.")
+    parser.add_argument("--config", help="YAML or JSON file with sections named as below; flags override it.")
     for section, cls in SECTIONS.items():
         add_config_arguments(parser, section, cls)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe; bad input exits with status 2 and a one-line error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = parse_config(args, SECTIONS, DEFAULTS)
         if config["data"].source is None:
             config["data"].source = str(make_shapes_dataset(default_data_dir()))
-        accelerator = create_accelerator(config["train"])
-        return training_function(config, accelerator)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        return training_function(config, create_accelerator(config["train"]))
+    except (ValueError, OSError, RuntimeError) as e:
         parser.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()
+    sys.exit(0)

@@ -37,7 +37,7 @@ def test_folder_holds_only_peft_layout_and_metadata(saved):
                                                             METADATA_NAME])
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
     metadata = read_metadata(out)
-    assert metadata["base"] == {"model_name": "peftclip-tiny", "pretrained": None, "seed": 0}
+    assert metadata["base"] == {"model_name": "peftclip-tiny", "pretrained": None, "init_seed": 0}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert metadata["trainable_parameters"] == trainable
     assert json.loads((out / ADAPTER_CONFIG_NAME).read_text())["peft_type"] == "LORA"
@@ -61,8 +61,8 @@ def test_load_onto_fresh_base_reproduces_outputs(saved):
 
 def test_wrong_base_names_both_bases(saved):
     out, _, _ = saved
-    with pytest.raises(AdapterError, match=r"trained on base .*seed=0.*loaded base is .*seed=1"):
-        load_adapter(load_base(BaseConfig(seed=1)), out)
+    with pytest.raises(AdapterError, match=r"trained on base .*init_seed=0.*loaded base is .*init_seed=1"):
+        load_adapter(load_base(BaseConfig(init_seed=1)), out)
 
 
 def test_truncated_weights_fail_the_checksum(saved):
