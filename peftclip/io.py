@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters.strategy import AdapterSpec, apply_strategy, inner_model
 from .models import BaseModel, file_sha256
-from .utils import write_json_atomic
+from .utils import default_mode, write_json_atomic
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -76,9 +76,11 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp creates 0700
     try:
         state = adapter_tensors(model, adapter_name)
         save_file(state, tmp / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
+        os.chmod(tmp / SAFETENSORS_WEIGHTS_NAME, default_mode())  # safetensors writes 0600
         if isinstance(model, peft.PeftModel):
             peft_config = copy.deepcopy(model.peft_config[adapter_name])
             peft_config.inference_mode = True
