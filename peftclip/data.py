@@ -133,6 +133,8 @@ def _load_split(config: DataConfig, split: str) -> tuple[datasets.Dataset, Path,
         raise
     except (ValueError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "corresponds to no data" in first_line:
+            raise DataError(f"{source.name}: the data set is empty (split {split!r} has no rows)") from e
         raise DataError(f"cannot load split {split!r} of {config.source}: {first_line}") from e
 
 
