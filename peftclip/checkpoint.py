@@ -16,9 +16,8 @@ from torch import nn
 
 from .utils import write_json_atomic
 
-__all__ = ["CHECKPOINTS_DIR", "Checkpointer", "ResumeError", "find_latest_checkpoint", "trainable_state_dict"]
+__all__ = ["Checkpointer", "ResumeError", "checkpoint_root", "find_latest_checkpoint", "trainable_state_dict"]
 
-CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 TRAINABLE_NAME = "trainable_{index}.safetensors"
 
@@ -32,9 +31,15 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    """Checkpoints sit beside the adapter folder, so replacing the adapter never touches them."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(f"{output_dir.name}-checkpoints")
+
+
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under `output_dir/checkpoints`, or None."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
+    """The newest complete checkpoint of the run writing to `output_dir`, or None."""
+    root = checkpoint_root(output_dir)
     complete = [p for p in root.glob("step-*") if (p / TRAINER_STATE_NAME).is_file()] if root.is_dir() else []
     return max(complete, key=lambda p: int(p.name.removeprefix("step-")), default=None)
 
@@ -50,7 +55,7 @@ class Checkpointer:
     def __init__(self, accelerator: Accelerator, output_dir: str | os.PathLike, fingerprint: dict[str, Any],
                  every_steps: int | None = None, every_minutes: float | None = None, keep: int = 2) -> None:
         self.accelerator = accelerator
-        self.root = Path(output_dir) / CHECKPOINTS_DIR
+        self.root = checkpoint_root(output_dir)
         self.fingerprint = fingerprint
         self.every_steps, self.every_minutes, self.keep = every_steps, every_minutes, keep
         self.last_time = time.monotonic()

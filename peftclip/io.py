@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
 import shutil
@@ -109,10 +110,24 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move folder `new` to `target`, replacing an existing `target` with two renames."""
+    """Move folder `new` to `target`; an existing `target` is swapped out in one atomic step."""
     if not target.exists():
         os.replace(new, target)
+        return
+    if _exchange(new, target):  # `new` now holds the old folder
+        shutil.rmtree(new, ignore_errors=True)
         return
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, old)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpointer, ResumeError, find_latest_checkpoint
+from .checkpoint import Checkpointer, ResumeError, checkpoint_root, find_latest_checkpoint
 from .evaluate import retrieval_recall
 from .losses import LossFn, contrastive_step
 from .utils import ConfigMixin
@@ -209,7 +209,7 @@ def _resume(checkpointer: Checkpointer, config: TrainConfig) -> dict[str, Any] |
         return None
     path = find_latest_checkpoint(config.output_dir) if config.resume == "latest" else config.resume
     if path is None:
-        raise ResumeError(f"--resume latest: no complete checkpoint under {config.output_dir}/checkpoints")
+        raise ResumeError(f"--resume latest: no complete checkpoint in {checkpoint_root(config.output_dir)}")
     return checkpointer.load(path)
 
 
@@ -222,7 +222,6 @@ class _Loop:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     compute_loss: LossFn
-    dataset: Dataset
     generator: torch.Generator
     total_steps: int
     config: TrainConfig
@@ -261,7 +260,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
                              resumed_from=str(checkpointer.last_saved) if state else None)
         progress = tqdm(total=total_steps, initial=len(result.losses), desc="train",
                         disable=not accelerator.is_local_main_process)
-        loop = _Loop(model, loader, optimizer, scheduler, compute_loss, dataset, generator, total_steps, config,
+        loop = _Loop(model, loader, optimizer, scheduler, compute_loss, generator, total_steps, config,
                      accelerator, checkpointer, result, progress)
         for epoch in range(position["epoch"], config.epochs):
             if len(result.losses) >= total_steps:
@@ -283,10 +282,11 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
 def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
     """One pass over the loader from batch `skip`, stepping, guarding and checkpointing."""
     config, accelerator, result = loop.config, loop.accelerator, loop.result
-    if hasattr(loop.dataset, "set_epoch"):
-        loop.dataset.set_epoch(epoch)
     loop.generator.manual_seed(config.seed + epoch)  # shuffling is a function of the epoch alone
     batches = accelerator.skip_first_batches(loop.loader, skip) if skip else loop.loader
+    # Accelerate's loaders pass their epoch to `dataset.set_epoch` on every iteration; a new
+    # skipping loader would start at 0, so give it the real epoch.
+    batches.set_epoch(epoch)
     loop.model.train()
     for index, batch in enumerate(batches, start=skip):
         _seed_step(config.seed, epoch, index, accelerator.process_index)

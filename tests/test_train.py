@@ -49,7 +49,7 @@ def test_loss_goes_down(tmp_path):
 def test_checkpoints_hold_only_trainable_tensors_and_keep_the_last_k(tmp_path):
     model, data, config = _setup(tmp_path, checkpoint_every_steps=2, keep_checkpoints=2)
     train(model, data, config, create_accelerator(config))
-    root = tmp_path / "run" / "checkpoints"
+    root = tmp_path / "run-checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000006", "step-00000008"]
     latest = find_latest_checkpoint(tmp_path / "run")
     assert latest.name == "step-00000008"
@@ -62,7 +62,7 @@ def test_resume_from_a_middle_checkpoint_ends_bitwise_equal(tmp_path):
     model, data, config = _setup(tmp_path, checkpoint_every_steps=3, keep_checkpoints=5)
     full = train(model, data, config, create_accelerator(config))
     expected = _trainable(model)
-    middle = tmp_path / "run" / "checkpoints" / "step-00000003"  # mid-epoch: epoch 0, batch 3 of 4
+    middle = tmp_path / "run-checkpoints" / "step-00000003"  # mid-epoch: epoch 0, batch 3 of 4
     resumed_model, data, config = _setup(tmp_path, checkpoint_every_steps=3, keep_checkpoints=5,
                                          resume=str(middle))
     resumed = train(resumed_model, data, config, create_accelerator(config))
