@@ -66,8 +66,9 @@ def _argument_kwargs(hint: Any, name: str) -> dict[str, Any]:
     if name == "blocks":
         return {"type": _parse_blocks}
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
-        hint = args[0]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        lists = [a for a in args if typing.get_origin(a) is list]
+        hint = lists[0] if lists else args[0] if len(args) == 1 else str
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(hint) is dict:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .utils import ConfigMixin
 
 __all__ = ["DataConfig", "DataError", "EvalImages", "LabelledImages", "LabelledSet", "PairSet", "TrainPairs",
-           "decode_image", "eval_texts", "load_labelled", "load_pairs"]
+           "count_truncated", "decode_image", "eval_texts", "load_labelled", "load_pairs"]
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
              ".arrow": "arrow"}
@@ -107,21 +107,29 @@ def _image_problem(ref: str | bytes) -> str | None:
     return None
 
 
+def _csv_options(suffix: str) -> dict[str, Any]:
+    """Read CSV text as written: pandas would otherwise turn captions like 'NA' or 'null' into NaN."""
+    if suffix not in (".csv", ".tsv"):
+        return {}
+    return {"keep_default_na": False, "na_values": [], **({"delimiter": "\t"} if suffix == ".tsv" else {})}
+
+
 def _load_split(config: DataConfig, split: str) -> tuple[datasets.Dataset, Path, str]:
     """The split as a `datasets.Dataset`, the folder relative paths start from, and a display name."""
-    source = Path(config.source)
+    source = shown = Path(config.source)
     try:
         if source.is_dir():
             metadata = next((source / m for m in _METADATA_FILES if (source / m).is_file()), None)
             if metadata is not None:
-                builder = _BUILDERS[metadata.suffix]
-                data = datasets.load_dataset(builder, data_files={split: str(metadata)}, split=split)
+                shown = metadata
+                data = datasets.load_dataset(_BUILDERS[metadata.suffix], data_files={split: str(metadata)},
+                                             split=split, **_csv_options(metadata.suffix))
                 return data, source, metadata.name
             return datasets.load_dataset(str(source), split=split), source, source.name
         if source.suffix in _BUILDERS or "*" in source.name:
             if "*" not in source.name and not source.is_file():
                 raise DataError(f"data file not found: {source}")
-            kwargs = {"delimiter": "\t"} if source.suffix == ".tsv" else {}
+            kwargs = _csv_options(source.suffix)
             data = datasets.load_dataset(_BUILDERS[source.suffix], data_files={split: str(source)}, split=split,
                                          **kwargs)
             return data, source.parent, source.name
@@ -134,7 +142,7 @@ def _load_split(config: DataConfig, split: str) -> tuple[datasets.Dataset, Path,
     except (ValueError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "corresponds to no data" in first_line:
-            raise DataError(f"{source.name}: the data set is empty (split {split!r} has no rows)") from e
+            raise DataError(f"{shown}: the data set is empty (split {split!r} has no rows)") from e
         raise DataError(f"cannot load split {split!r} of {config.source}: {first_line}") from e
 
 
@@ -263,7 +271,9 @@ def load_pairs(config: DataConfig) -> tuple[PairSet, PairSet]:
         val = _load_pair_split(config, config.val_split)
         return _cap(pairs, config.max_images, config.split_seed), _cap(val, config.max_val_images, config.split_seed)
     train_idx, val_idx = _split_indices(len(pairs.images), config)
-    return _subset(pairs, train_idx), _subset(pairs, val_idx)
+    val = _subset(pairs, val_idx)
+    val.skipped = 0  # bad rows of the shared pool are counted once, on the training set
+    return _subset(pairs, train_idx), val
 
 
 def _load_label_split(config: DataConfig, split: str) -> LabelledSet:
@@ -314,7 +324,9 @@ def load_labelled(config: DataConfig) -> tuple[LabelledSet, LabelledSet]:
         return (_label_cap(train, config.max_images, config.split_seed),
                 _label_cap(val, config.max_val_images, config.split_seed))
     train_idx, val_idx = _split_indices(len(train.images), config)
-    return _label_subset(train, train_idx), _label_subset(train, val_idx)
+    val = _label_subset(train, val_idx)
+    val.skipped = 0  # bad rows of the shared pool are counted once, on the training set
+    return _label_subset(train, train_idx), val
 
 
 def _seed(*parts: int) -> int:
@@ -377,6 +389,17 @@ class EvalImages(_ImageDataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.image(i)
+
+
+def count_truncated(captions: list[list[str]], tokenizer: Callable, reserved: int = 0) -> int:
+    """How many captions exceed the tokenizer's context length (open_clip truncates them silently).
+
+    `reserved` tokens are taken by learned prompt context.
+    """
+    encode, limit = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
+    if encode is None or limit is None:
+        return 0
+    return sum(len(encode(c)) + 2 + reserved > limit for group in captions for c in group)
 
 
 def eval_texts(pairs: PairSet) -> tuple[list[str], list[int]]:

@@ -13,7 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpointer, ResumeError, checkpoint_root, find_latest_checkpoint
+from .checkpoint import (
+    Checkpointer,
+    ResumeError,
+    checkpoint_root,
+    find_latest_checkpoint,
+)
 from .evaluate import retrieval_recall
 from .losses import LossFn, contrastive_step
 from .utils import ConfigMixin

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -25,13 +27,55 @@ class ConfigMixin:
         return dataclasses.asdict(self)
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the type annotation `hint` (the subset config fields use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (int, str):
+        return isinstance(value, hint) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1])
+                                               for k, v in value.items())
+    return isinstance(value, hint)
+
+
+def _yaml_float(value: Any, hint: Any) -> Any:
+    """PyYAML reads `1e-3` (no dot) as a string; accept it where a float is expected."""
+    if isinstance(value, str) and (hint is float or float in typing.get_args(hint)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def config_from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
-    """Build dataclass `cls` from `data`, naming the section and any unknown field."""
+    """Build dataclass `cls` from `data`, naming the section and any unknown or mistyped field."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown field(s) in [{section}]: {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    data = {name: _yaml_float(value, hints[name]) for name, value in data.items()}
+    for name, value in data.items():
+        if not _matches(value, hints[name]):
+            raise ValueError(f"[{section}] {name}={value!r}: expected {_type_name(hints[name])}")
     return cls(**data)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")
 
 
 def default_mode(directory: bool = False) -> int:

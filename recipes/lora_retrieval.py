@@ -26,7 +26,14 @@ from peftclip.adapters import (
     apply_strategy,
 )
 from peftclip.config import add_config_arguments, parse_config
-from peftclip.data import DataConfig, EvalImages, TrainPairs, eval_texts, load_pairs
+from peftclip.data import (
+    DataConfig,
+    EvalImages,
+    TrainPairs,
+    count_truncated,
+    eval_texts,
+    load_pairs,
+)
 from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
@@ -47,12 +54,15 @@ DEFAULTS = {"train": {"epochs": 40, "lr": 3e-3, "batch_size": 64, "warmup_steps"
                       "output_dir": "outputs/lora_retrieval"}}
 
 
-def get_datasets(base, data_config: DataConfig, tokenize, seed: int):
-    """Training pairs (one caption sampled per image and epoch) and the held-out images and captions."""
+def get_datasets(base, data_config: DataConfig, tokenize, reserved_tokens: int, seed: int):
+    """Training pairs (one caption sampled per image and epoch), the held-out images and captions, and counts."""
     train_pairs, val_pairs = load_pairs(data_config)
     train_set = TrainPairs(train_pairs, base.preprocess_train, tokenize, seed=seed)
     captions, text_to_image = eval_texts(val_pairs)
-    return train_set, EvalImages(val_pairs, base.preprocess_val), captions, text_to_image, train_pairs.skipped
+    counts = {"skipped_rows": train_pairs.skipped + val_pairs.skipped,
+              "truncated_captions": count_truncated(train_pairs.captions + val_pairs.captions, base.tokenizer,
+                                                    reserved_tokens)}
+    return train_set, EvalImages(val_pairs, base.preprocess_val), captions, text_to_image, counts
 
 
 def training_function(config: dict, accelerator) -> dict:
@@ -62,10 +72,11 @@ def training_function(config: dict, accelerator) -> dict:
     spec = AdapterSpec.from_sections(config["strategy"], config)
     model, tokenize = apply_strategy(base.model, spec, base.tokenizer)
     with accelerator.main_process_first():
-        train_set, val_images, captions, text_to_image, skipped = get_datasets(
-            base, config["data"], tokenize, train_config.seed)
+        train_set, val_images, captions, text_to_image, counts = get_datasets(
+            base, config["data"], tokenize, spec.text_prompt.n_ctx if spec.text_prompt else 0, train_config.seed)
     accelerator.print(f"data: {len(train_set)} training images, {len(val_images)} held-out images with "
-                      f"{len(captions)} captions" + (f"; {skipped} bad rows skipped" if skipped else ""))
+                      f"{len(captions)} captions; {counts['skipped_rows']} bad rows skipped; "
+                      f"{counts['truncated_captions']} captions truncated to the context length")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     accelerator.print(f"strategy {', '.join(spec.to_dict())}: {trainable:,} trainable parameters "
@@ -79,7 +90,7 @@ def training_function(config: dict, accelerator) -> dict:
     result = train(model, train_set, train_config, accelerator, fingerprint=result_fingerprint(config, base.info))
     after = evaluate()
     metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
-               "skipped_rows": skipped, "skipped_steps": result.skipped_steps}
+               "skipped_steps": result.skipped_steps, **counts}
     accelerator.print(format_metrics_table(before, after))
     if accelerator.is_main_process:
         out = save_adapter(accelerator.unwrap_model(model), train_config.output_dir, base.info, spec.to_dict(),

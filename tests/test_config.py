@@ -49,12 +49,24 @@ def test_json_config_file(tmp_path):
     ("optimizer: {lr: 1}", "unknown section 'optimizer'"),
     ("lora: [1, 2]", "expected sections of fields"),
     ("train: {lr: -1.0}", "lr=-1.0"),
+    ("train: {group_lr: 0}", r"\[train\] group_lr=0: expected dict\[str, float\]"),
+    ("lora: {r: 2.5}", r"\[lora\] r=2.5: expected int"),
+    ("lora: {towers: vision}", None),
 ])
 def test_bad_config_file_names_the_problem(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
+    if message is None:  # accepted: a single tower may be written without a list
+        assert _parse(["--config", str(path)])["lora"].towers == ["vision"]
+        return
     with pytest.raises(ValueError, match=message):
         _parse(["--config", str(path)])
+
+
+def test_yaml_exponent_without_dot_reads_as_a_float(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {lr: 1e-3}\n")  # PyYAML gives the string '1e-3'
+    assert _parse(["--config", str(path)])["train"].lr == 1e-3
 
 
 def test_missing_config_file_names_the_path(tmp_path):

@@ -37,8 +37,8 @@ class LoraConfig(ConfigMixin):
 
     section: ClassVar[str] = "lora"
 
-    towers: list[str] = field(default_factory=lambda: ["vision", "text"],
-                              metadata={"help": f"Towers to adapt, among {sorted(TOWERS)}."})
+    towers: list[str] | str = field(default_factory=lambda: ["vision", "text"],
+                                    metadata={"help": f"Towers to adapt, among {sorted(TOWERS)}, or 'both'."})
     blocks: str | int | list[int] = field(
         default="all",
         metadata={"help": "'all', an int N for the last N blocks, or a list of block indices (negative counts "
