@@ -29,7 +29,7 @@ __all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "creat
 
 # Settings that do not change a run's result, and so may differ on resume.
 _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size", "checkpoint_every_steps",
-                       "checkpoint_every_minutes", "keep_checkpoints"}
+                       "checkpoint_every_minutes", "keep_checkpoints", "grad_checkpointing"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PARAM_GROUPS = ("lora", "prompts", "head", "projections", "blocks")
@@ -59,6 +59,8 @@ class TrainConfig(ConfigMixin):
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
     eval_batch_size: int = field(default=128, metadata={"help": "Batch size for embedding the held-out set."})
     cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute block activations in the backward pass: less memory, more compute."})
     checkpoint_every_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps."})
     checkpoint_every_minutes: float | None = field(default=None, metadata={"help": "Checkpoint every N minutes."})
     keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
@@ -236,6 +238,13 @@ class _Loop:
     progress: Any
 
 
+def _set_grad_checkpointing(model: nn.Module) -> None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "set_grad_checkpointing"):
+        raise ValueError(f"{type(inner).__name__} does not support gradient checkpointing")
+    inner.set_grad_checkpointing(True)
+
+
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: Accelerator,
           compute_loss: LossFn = contrastive_step, fingerprint: dict[str, Any] | None = None) -> TrainResult:
     """Train `model`'s trainable parameters on `dataset` with `compute_loss(model, batch)`.
@@ -252,6 +261,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
                         num_workers=config.num_workers, generator=generator)
     if len(loader) == 0:
         raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(dataset)} items)")
+    if config.grad_checkpointing:
+        _set_grad_checkpointing(model)
     optimizer = create_optimizer(model, config)
     total_steps = _total_steps(config, len(loader))
     scheduler = create_scheduler(optimizer, config.warmup_steps, total_steps)

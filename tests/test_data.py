@@ -238,3 +238,23 @@ def test_shared_flickr8k_groups_five_captions_per_image():
     train, val = load_pairs(DataConfig(source=str(source), val_fraction=0.2))
     assert len(train.images) + len(val.images) == 800
     assert all(len(c) == 5 for c in train.captions + val.captions)
+
+
+def test_hub_dataset_id_goes_through_load_dataset_by_name(folder, monkeypatch):
+    """Offline: a Hub id reaches datasets.load_dataset(id, split=...); here it is served from local files."""
+    calls = []
+    real = datasets.load_dataset
+    local = datasets.Dataset.from_dict({"image": [str(folder / f"images/{i}.png") for i in range(N_IMAGES)],
+                                        "caption": [f"hub caption {i}" for i in range(N_IMAGES)]})
+
+    def fake_load_dataset(path, *args, **kwargs):
+        if path == "someone/pairs":
+            calls.append((path, kwargs.get("split")))
+            return local
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    train, val = load_pairs(DataConfig(source="someone/pairs", split="train", val_split="validation",
+                                       image_column="image"))
+    assert calls == [("someone/pairs", "train"), ("someone/pairs", "validation")]
+    assert len(train.images) == N_IMAGES and train.captions[0] == ["hub caption 0"]

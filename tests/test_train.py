@@ -146,3 +146,22 @@ def test_parameter_groups_get_their_own_lr_and_no_decay_on_biases_and_scale():
 def test_invalid_train_config_names_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_out_of_memory_becomes_a_one_line_hint(tmp_path):
+    model, data, config = _setup(tmp_path)
+
+    def exhausted(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(TrainingError, match=r"^out of memory at batch_size=8: try a smaller --batch-size, "
+                                            r"--grad-accum-steps, or gradient checkpointing$"):
+        train(model, data, config, create_accelerator(config), compute_loss=exhausted)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    runs = []
+    for checkpointing in (False, True):
+        model, data, config = _setup(tmp_path, grad_checkpointing=checkpointing, epochs=1)
+        runs.append(train(model, data, config, create_accelerator(config)).losses)
+    assert runs[1] == pytest.approx(runs[0], abs=1e-5)
