@@ -80,11 +80,14 @@ def _argument_kwargs(hint: Any, name: str) -> dict[str, Any]:
     return {"type": str}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
-    """Add one `--field-name` flag per field of dataclass `cls`, under a group named `section`."""
+def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: type,
+                         skip: frozenset[str] = frozenset()) -> None:
+    """Add one `--field-name` flag per field of dataclass `cls` (but `skip`), under a group named `section`."""
     group = parser.add_argument_group(section)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RECALL_KS", "retrieval_recall"]
+__all__ = ["RECALL_KS", "classification_accuracy", "retrieval_recall"]
 
 RECALL_KS = (1, 5, 10)
 
@@ -41,3 +41,22 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor,
         metrics[f"image_to_text_R@{k}"] = 100.0 * i2t
         metrics[f"text_to_image_R@{k}"] = 100.0 * t2i
     return metrics
+
+
+def classification_accuracy(logits: torch.Tensor, labels: torch.Tensor | list[int],
+                            n_classes: int | None = None) -> dict[str, float]:
+    """Top-1, top-5 and mean per-class accuracy, in percent.
+
+    Mean per-class accuracy averages the top-1 accuracy of each class present in `labels`.
+
+    >>> classification_accuracy(torch.eye(3), [0, 1, 2])["top1"]
+    100.0
+    """
+    labels = torch.as_tensor(labels, device=logits.device)
+    n_classes = n_classes or logits.shape[1]
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    correct1 = top[:, 0] == labels
+    per_class = [correct1[labels == c].float().mean() for c in range(n_classes) if (labels == c).any()]
+    return {"top1": 100.0 * correct1.float().mean().item(),
+            "top5": 100.0 * (top == labels[:, None]).any(dim=1).float().mean().item(),
+            "mean_per_class": 100.0 * torch.stack(per_class).mean().item()}

@@ -24,8 +24,8 @@ _PHRASES = ("a {size} {colour} {shape} in the {position}", "a {colour} {shape} a
 
 
 def default_data_dir() -> Path:
-    """Where the built-in task is generated: `$PEFTCLIP_CACHE/shapes-v1` (default `~/.cache/peftclip`)."""
-    return Path(os.environ.get("PEFTCLIP_CACHE", Path.home() / ".cache" / "peftclip")) / "shapes-v1"
+    """Where the built-in task is generated: `$PEFTCLIP_CACHE/shapes-v2` (default `~/.cache/peftclip`)."""
+    return Path(os.environ.get("PEFTCLIP_CACHE", Path.home() / ".cache" / "peftclip")) / "shapes-v2"
 
 
 def _draw(colour: str, shape: str, position: str, size: str, image_size: int, rng: random.Random) -> Image.Image:
@@ -45,7 +45,8 @@ def _draw(colour: str, shape: str, position: str, size: str, image_size: int, rn
 
 
 def make_shapes_dataset(root: str | os.PathLike, n_images: int = 600, seed: int = 0, image_size: int = 64) -> Path:
-    """Write an image folder with `metadata.csv` (file_name, caption; 3 phrasings per image).
+    """Write an image folder with `metadata.csv` (file_name, caption; 3 phrasings per image)
+    and `labels.csv` (file_name, label: "<colour> <shape>", for classification).
 
     Each image holds one filled shape whose colour, kind, position and size vary at random
     (seeded). An existing complete folder is reused; a new one is built under a temporary
@@ -61,17 +62,19 @@ def make_shapes_dataset(root: str | os.PathLike, n_images: int = 600, seed: int 
     try:
         (tmp / "images").mkdir()
         rng = random.Random(seed)
-        rows = []
+        rows, labels = [], []
         for index in range(n_images):
             attrs = {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES),
                      "position": rng.choice(list(POSITIONS)), "size": rng.choice(list(SIZES))}
             name = f"images/{index:05d}.png"
             _draw(**attrs, image_size=image_size, rng=rng).save(tmp / name)
             rows += [(name, phrase.format(**attrs)) for phrase in _PHRASES]
-        with open(tmp / "metadata.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file_name", "caption"])
-            writer.writerows(rows)
+            labels.append((name, f"{attrs['colour']} {attrs['shape']}"))
+        for file_name, header, content in (("labels.csv", "label", labels), ("metadata.csv", "caption", rows)):
+            with open(tmp / file_name, "w", newline="") as f:  # metadata.csv last: it marks completion
+                writer = csv.writer(f)
+                writer.writerow(["file_name", header])
+                writer.writerows(content)
         os.replace(tmp, root)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

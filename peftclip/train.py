@@ -24,7 +24,7 @@ from .losses import LossFn, contrastive_step
 from .utils import ConfigMixin
 
 __all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
-           "create_scheduler", "evaluate_retrieval", "format_metrics_table", "param_group", "result_fingerprint",
+           "create_scheduler", "embed_dataset", "evaluate_retrieval", "format_metrics_table", "param_group", "result_fingerprint",
            "train"]
 
 # Settings that do not change a run's result, and so may differ on resume.
@@ -334,8 +334,9 @@ def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
 
 
 @torch.no_grad()
-def _embed(accelerator: Accelerator, encode: Callable[[torch.Tensor], torch.Tensor],
+def embed_dataset(accelerator: Accelerator, encode: Callable[[torch.Tensor], torch.Tensor],
            dataset: Dataset, batch_size: int, num_workers: int) -> torch.Tensor:
+    """`encode` applied to every item of `dataset` (first element of tuple items), split across processes."""
     batch_size = max(batch_size // accelerator.num_processes, 1) * accelerator.num_processes
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
     chunks = []
@@ -353,9 +354,9 @@ def evaluate_retrieval(accelerator: Accelerator, model: nn.Module, images: Datas
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    image_features = _embed(accelerator, lambda x: model.encode_image(x, normalize=True), images,
+    image_features = embed_dataset(accelerator, lambda x: model.encode_image(x, normalize=True), images,
                             batch_size, num_workers)
-    text_features = _embed(accelerator, lambda x: model.encode_text(x, normalize=True),
+    text_features = embed_dataset(accelerator, lambda x: model.encode_text(x, normalize=True),
                            TensorDataset(tokenizer(captions)), batch_size, 0)
     model.train(was_training)
     return retrieval_recall(image_features, text_features, text_to_image)

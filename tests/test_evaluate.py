@@ -31,3 +31,15 @@ def test_recall_at_k_counts_hits_within_k():
     metrics = retrieval_recall(images, texts, list(range(20)))
     assert metrics["text_to_image_R@1"] == 0.0
     assert metrics["text_to_image_R@10"] >= metrics["text_to_image_R@5"] >= metrics["text_to_image_R@1"]
+
+
+def test_classification_accuracy_top1_top5_and_mean_per_class():
+    from peftclip.evaluate import classification_accuracy
+    logits = torch.zeros(4, 6)
+    logits[0, 0] = logits[1, 0] = logits[2, 1] = 1.0  # rows 0-2 predict 0, 0, 1
+    logits[3, 5] = 1.0
+    labels = [0, 0, 0, 2]  # class 0: 2 of 3 right; class 2: wrong at top-1
+    metrics = classification_accuracy(logits, labels)
+    assert metrics["top1"] == pytest.approx(50.0)
+    assert metrics["mean_per_class"] == pytest.approx((200 / 3 + 0.0) / 2)
+    assert metrics["top5"] == pytest.approx(100.0)  # ties put the true class within the top 5

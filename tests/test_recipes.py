@@ -66,3 +66,38 @@ def test_bad_input_exits_2_with_one_line_error(tmp_path, shapes):
     assert done.stderr.strip().splitlines()[-1] == "error: r=0: the LoRA rank must be a positive integer"
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+CLASSIFY_FLAGS = {
+    "lora_and_head": [],
+    "linear_probe": ["--no-lora"],
+    "coop_text_prompt": ["--no-lora", "--no-head", "--text-prompt", "--ctx-init", "a photo of a"],
+    "class_specific_prompt": ["--no-lora", "--no-head", "--text-prompt", "--class-specific"],
+    "flyp_lora": ["--no-head", "--objective", "flyp"],
+}
+
+
+@pytest.mark.parametrize("case", list(CLASSIFY_FLAGS))
+def test_classify_recipe_reports_three_accuracies_and_reloads(tmp_path, shapes, case):
+    from recipes import classify
+    out = tmp_path / case
+    metrics = classify.main(["--source", str(shapes / "labels.csv"), "--output-dir", str(out), "--max-steps", "2",
+                             "--batch-size", "16", "--num-workers", "0", "--val-fraction", "0.25",
+                             *CLASSIFY_FLAGS[case]])
+    for when in ("before", "after"):
+        assert set(metrics[when]) == {"top1", "top5", "mean_per_class"}
+        assert metrics[when]["top5"] >= metrics[when]["top1"]
+    assert json.loads((out / "metrics.json").read_text())["class_names"] == metrics["class_names"]
+    load_adapter(load_base(), out)
+
+
+def test_classify_recipe_runs_on_shared_cifar10(tmp_path):
+    from recipes import classify
+    source = SHARED_DATA / "cifar10"
+    if not source.is_dir():
+        pytest.skip(f"shared data missing: {source}")
+    metrics = classify.main(["--source", str(source), "--val-split", "test", "--max-images", "64",
+                             "--max-val-images", "32", "--output-dir", str(tmp_path / "cifar"), "--max-steps", "2",
+                             "--batch-size", "16", "--num-workers", "0"])
+    assert metrics["class_names"][0] == "airplane" and metrics["steps"] == 2
+    assert 0.0 <= metrics["after"]["mean_per_class"] <= 100.0

@@ -37,8 +37,8 @@ class TextPromptConfig(ConfigMixin):
     def __post_init__(self) -> None:
         if self.n_ctx < 1:
             raise ValueError(f"n_ctx={self.n_ctx}: must be at least 1")
-        if self.class_specific and not (self.n_classes and self.n_classes > 0):
-            raise ValueError("class_specific text prompts need n_classes > 0")
+        if self.n_classes is not None and self.n_classes < 1:
+            raise ValueError(f"n_classes={self.n_classes}: must be at least 1")
 
 
 
@@ -70,6 +70,8 @@ class TextPrompt(nn.Module):
     def __init__(self, config: TextPromptConfig, width: int, tokenizer: Callable,
                  token_embedding: nn.Embedding) -> None:
         super().__init__()
+        if config.class_specific and config.n_classes is None:
+            raise ValueError("class_specific text prompts need n_classes")
         self.config = config
         self._tokenizer = tokenizer
         if config.ctx_init:
@@ -93,9 +95,12 @@ class TextPrompt(nn.Module):
         n = self.config.n_ctx
         ctx = self.ctx.to(output.dtype)
         if self.config.class_specific:
-            if output.shape[0] != self.config.n_classes:
-                raise ValueError(f"class-specific prompts need one text per class in class order "
-                                 f"({self.config.n_classes}), got {output.shape[0]} texts")
+            # Texts come class-major: every template of class 0, then of class 1, ...
+            per_class, rest = divmod(output.shape[0], self.config.n_classes)
+            if rest or not per_class:
+                raise ValueError(f"class-specific prompts need texts for all {self.config.n_classes} classes "
+                                 f"in class order, got {output.shape[0]} texts")
+            ctx = ctx.repeat_interleave(per_class, dim=0)
         else:
             ctx = ctx.unsqueeze(0).expand(output.shape[0], -1, -1)
         return torch.cat([output[:, :1], ctx, output[:, 1 + n:]], dim=1)
