@@ -13,7 +13,6 @@ Reports top-1, top-5 and mean per-class accuracy before and after.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -37,16 +36,15 @@ from peftclip.adapters.heads import (
     classifier,
     zero_shot_weights,
 )
-from peftclip.config import add_config_arguments, parse_config
 from peftclip.data import DataConfig, EvalImages, LabelledImages, load_labelled
 from peftclip.evaluate import classification_accuracy
 from peftclip.io import save_adapter, save_metrics
 from peftclip.losses import contrastive_step, cross_entropy_step
 from peftclip.models import BaseConfig, load_base
+from peftclip.recipe import recipe_parser, run_recipe
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
 from peftclip.train import (
     TrainConfig,
-    create_accelerator,
     embed_dataset,
     format_metrics_table,
     result_fingerprint,
@@ -149,25 +147,11 @@ def training_function(config: dict, accelerator) -> dict:
     return metrics
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML or JSON file with sections named as below; flags override it.")
-    for section, cls in SECTIONS.items():  # the number of classes comes from the data
-        add_config_arguments(parser, section, cls, skip=frozenset({"n_classes"}))
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; bad input exits with status 2 and a one-line error."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = parse_config(args, SECTIONS, DEFAULTS)
-        if config["data"].source is None:
-            config["data"].source = str(make_shapes_dataset(default_data_dir()) / "labels.csv")
-        return training_function(config, create_accelerator(config["train"]))
-    except (ValueError, OSError, RuntimeError) as e:
-        parser.exit(2, f"error: {e}\n")
+    parser = recipe_parser(__doc__, SECTIONS, skip=frozenset({"n_classes"}))  # the data gives the class count
+    return run_recipe(argv, parser, SECTIONS, DEFAULTS,
+                      lambda: str(make_shapes_dataset(default_data_dir()) / "labels.csv"), training_function)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ built-in base to a generated shapes task, offline, in a few minutes on 2 CPU cor
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from peftclip.adapters import (
@@ -25,7 +24,6 @@ from peftclip.adapters import (
     VisualPromptConfig,
     apply_strategy,
 )
-from peftclip.config import add_config_arguments, parse_config
 from peftclip.data import (
     DataConfig,
     EvalImages,
@@ -36,10 +34,10 @@ from peftclip.data import (
 )
 from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
+from peftclip.recipe import recipe_parser, run_recipe
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
 from peftclip.train import (
     TrainConfig,
-    create_accelerator,
     evaluate_retrieval,
     format_metrics_table,
     result_fingerprint,
@@ -101,25 +99,11 @@ def training_function(config: dict, accelerator) -> dict:
     return metrics
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML or JSON file with sections named as below; flags override it.")
-    for section, cls in SECTIONS.items():
-        add_config_arguments(parser, section, cls)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; bad input exits with status 2 and a one-line error."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = parse_config(args, SECTIONS, DEFAULTS)
-        if config["data"].source is None:
-            config["data"].source = str(make_shapes_dataset(default_data_dir()))
-        return training_function(config, create_accelerator(config["train"]))
-    except (ValueError, OSError, RuntimeError) as e:
-        parser.exit(2, f"error: {e}\n")
+    parser = recipe_parser(__doc__, SECTIONS)
+    return run_recipe(argv, parser, SECTIONS, DEFAULTS, lambda: str(make_shapes_dataset(default_data_dir())),
+                      training_function)
 
 
 if __name__ == "__main__":
