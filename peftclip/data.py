@@ -49,6 +49,9 @@ class DataConfig(ConfigMixin):
     val_fraction: float = field(default=0.1, metadata={"help": "Share of images held out when val_split is unset."})
     max_images: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_val_images: int | None = field(default=None, metadata={"help": "Use at most this many held-out images."})
+    augment: bool = field(default=True, metadata={
+        "help": "Random crops on training images (open_clip's train transform); without them a frozen image "
+                "tower's features can be cached."})
     skip_bad_rows: bool = field(default=False, metadata={
         "help": "Drop and count bad rows (missing/corrupt image, empty caption) instead of stopping."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/held-out split and subsampling."})
@@ -365,9 +368,12 @@ class TrainPairs(_ImageDataset):
         super().__init__(pairs.images, pairs.names, transform, seed)
         self.captions, self.tokenizer = pairs.captions, tokenizer
 
+    def caption_index(self, i: int) -> int:
+        """Which of image `i`'s captions this epoch uses."""
+        return random.Random(_seed(self.seed, self.epoch, i)).randrange(len(self.captions[i]))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        caption = random.Random(_seed(self.seed, self.epoch, i)).choice(self.captions[i])
-        return self.image(i), self.tokenizer([caption])[0]
+        return self.image(i), self.tokenizer([self.captions[i][self.caption_index(i)]])[0]
 
 
 class LabelledImages(_ImageDataset):

@@ -29,7 +29,7 @@ __all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "creat
 
 # Settings that do not change a run's result, and so may differ on resume.
 _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size", "checkpoint_every_steps",
-                       "checkpoint_every_minutes", "keep_checkpoints", "grad_checkpointing"}
+                       "checkpoint_every_minutes", "keep_checkpoints", "grad_checkpointing", "feature_cache"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PARAM_GROUPS = ("lora", "prompts", "head", "projections", "blocks")
@@ -59,6 +59,9 @@ class TrainConfig(ConfigMixin):
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
     eval_batch_size: int = field(default=128, metadata={"help": "Batch size for embedding the held-out set."})
     cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+    feature_cache: bool = field(default=True, metadata={
+        "help": "Compute frozen towers' features once and reuse them every epoch (an image tower only "
+                "with --no-augment)."})
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute block activations in the backward pass: less memory, more compute."})
     checkpoint_every_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps."})

@@ -24,6 +24,7 @@ from peftclip.adapters import (
     VisualPromptConfig,
     apply_strategy,
 )
+from peftclip.cache import FeatureCache, cache_frozen_towers
 from peftclip.data import (
     DataConfig,
     EvalImages,
@@ -55,7 +56,8 @@ DEFAULTS = {"train": {"epochs": 40, "lr": 3e-3, "batch_size": 64, "warmup_steps"
 def get_datasets(base, data_config: DataConfig, tokenize, reserved_tokens: int, seed: int):
     """Training pairs (one caption sampled per image and epoch), the held-out images and captions, and counts."""
     train_pairs, val_pairs = load_pairs(data_config)
-    train_set = TrainPairs(train_pairs, base.preprocess_train, tokenize, seed=seed)
+    transform = base.preprocess_train if data_config.augment else base.preprocess_val
+    train_set = TrainPairs(train_pairs, transform, tokenize, seed=seed)
     captions, text_to_image = eval_texts(val_pairs)
     counts = {"skipped_rows": train_pairs.skipped + val_pairs.skipped,
               "truncated_captions": count_truncated(train_pairs.captions + val_pairs.captions, base.tokenizer,
@@ -85,7 +87,15 @@ def training_function(config: dict, accelerator) -> dict:
                                   train_config.eval_batch_size, train_config.num_workers)
 
     before = evaluate()
-    result = train(model, train_set, train_config, accelerator, fingerprint=result_fingerprint(config, base.info))
+    train_model, train_data = model, train_set
+    if train_config.feature_cache:
+        cache = FeatureCache(default_data_dir().parent / "features")
+        train_model, train_data = cache_frozen_towers(model, train_set, base.info, config["data"].augment, cache,
+                                                      accelerator.device)
+        if train_model is not model:
+            accelerator.print(f"feature cache: {train_model.modes}")
+    result = train(train_model, train_data, train_config, accelerator,
+                   fingerprint=result_fingerprint(config, base.info))
     after = evaluate()
     metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
                "skipped_steps": result.skipped_steps, **counts}
