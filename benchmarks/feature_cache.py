@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="peftclip-tiny", help="open_clip architecture (random weights)")
     parser.add_argument("--images", type=int, default=512, help="training images")
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed per run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     source = make_shapes_dataset(default_data_dir())
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"(built in {build:.2f} s): {plain / cached:.1f}x", flush=True)
     result = {"model": args.model, "images": len(pairs.images), "epochs": args.epochs,
               "threads": torch.get_num_threads(), "strategies": rows}
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"feature_cache-{args.model}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"feature_cache-{args.model}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Feature cache, {args.model} (random weights), {len(pairs.images)} images, batch 32, "
              f"{torch.get_num_threads()} threads, CPU", "",
