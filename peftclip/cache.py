@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .adapters.strategy import inner_model
 
-__all__ = ["CachedCLIP", "CachedPairs", "FeatureCache", "cache_frozen_towers", "compute_features", "tower_modes"]
+__all__ = ["CachedCLIP", "CachedLabelled", "CachedPairs", "FeatureCache", "cache_frozen_towers", "cache_image_tower",
+           "compute_features", "tower_modes"]
 
 _PROJECTIONS = {"vision": ("visual", "proj"), "text": (None, "text_projection")}
 _DISK_MIN_BYTES = 64 << 20  # keep smaller caches in memory only
@@ -204,3 +205,28 @@ def cache_frozen_towers(model: nn.Module, pairs: Dataset, base_info: dict[str, A
             model, "text", modes["text"], pairs.tokenizer(captions), device=device))
     active = {"vision": modes["vision"] if use_images else "live", "text": modes["text"] if use_texts else "live"}
     return CachedCLIP(model, active), CachedPairs(pairs, image_features, text_features)
+
+
+class CachedLabelled(Dataset):
+    """(cached image features, label) in place of `LabelledImages`' (image, label)."""
+
+    def __init__(self, data: Dataset, image_features: torch.Tensor) -> None:
+        self.data, self.image_features = data, image_features
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.image_features[i], self.data.labels[i]
+
+
+def cache_image_tower(model: nn.Module, data: Dataset, base_info: dict[str, Any], augment: bool,
+                      cache: FeatureCache, device: str | torch.device = "cpu") -> tuple[nn.Module, Dataset]:
+    """For labelled images: swap a frozen, unaugmented image tower for cached features."""
+    mode = tower_modes(model)["vision"]
+    if mode == "live" or augment:
+        return model, data
+    key = FeatureCache.key(tower="vision", mode=mode, transform=repr(data.transform), base=base_info,
+                           names=data.names, seed=data.seed)
+    features = cache.get(key, lambda: compute_features(model, "vision", mode, _Images(data), device=device))
+    return CachedCLIP(model, {"vision": mode, "text": "live"}), CachedLabelled(data, features)

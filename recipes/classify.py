@@ -36,6 +36,7 @@ from peftclip.adapters.heads import (
     classifier,
     zero_shot_weights,
 )
+from peftclip.cache import FeatureCache, cache_image_tower
 from peftclip.data import DataConfig, EvalImages, LabelledImages, load_labelled
 from peftclip.evaluate import classification_accuracy
 from peftclip.io import save_adapter, save_metrics
@@ -127,9 +128,17 @@ def training_function(config: dict, accelerator) -> dict:
                 "text_prompt": replace(config["text_prompt"], n_classes=n_classes)}
     spec = AdapterSpec.from_sections(config["strategy"], sections)
     model, tokenize = apply_strategy(base.model, spec, base.tokenizer, head_weights=weights)
-    train_set = LabelledImages(train_data, base.preprocess_train, seed=config["train"].seed)
-    result = train(model, train_set, config["train"], accelerator, _objective(config, model, tokenize, names),
-                   fingerprint=result_fingerprint(config, base.info))
+    augment = config["data"].augment
+    train_set = LabelledImages(train_data, base.preprocess_train if augment else base.preprocess_val,
+                               seed=config["train"].seed)
+    train_model = model
+    if config["train"].feature_cache and config["classify"].objective == "ce":
+        cache = FeatureCache(default_data_dir().parent / "features")
+        train_model, train_set = cache_image_tower(model, train_set, base.info, augment, cache, accelerator.device)
+        if train_model is not model:
+            accelerator.print(f"feature cache: {train_model.modes}")
+    result = train(train_model, train_set, config["train"], accelerator,
+                   _objective(config, model, tokenize, names), fingerprint=result_fingerprint(config, base.info))
     model.eval()
     predict = classifier(model) if spec.head else _text_classifier(model, tokenize, names, templates)
     with torch.no_grad():

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from peftclip.adapters import AdapterSpec, LoraConfig, PartialConfig, TextPromptConfig, apply_strategy
+from peftclip.adapters import (
+    AdapterSpec,
+    LoraConfig,
+    PartialConfig,
+    TextPromptConfig,
+    apply_strategy,
+)
 from peftclip.cache import FeatureCache, cache_frozen_towers, tower_modes
 from peftclip.data import DataConfig, TrainPairs, load_pairs
 from peftclip.models import load_base
@@ -83,3 +90,18 @@ def test_cache_is_reused_and_kept_on_disk(tmp_path, pairs, monkeypatch):
     assert torch.equal(cache.get(key, compute), torch.ones(3, 4))
     assert torch.equal(FeatureCache(tmp_path / "features").get(key, compute), torch.ones(3, 4))
     assert len(calls) == 1 and len(list((tmp_path / "features").glob("*.safetensors"))) == 1
+
+
+def test_cached_linear_probe_matches_uncached(tmp_path):
+    from recipes import classify
+    source = make_shapes_dataset(tmp_path / "shapes", n_images=40) / "labels.csv"
+    runs = {}
+    for cached in (False, True):
+        runs[cached] = classify.main(["--source", str(source), "--no-lora", "--no-augment", "--max-steps", "3",
+                                      "--batch-size", "8", "--num-workers", "0", "--val-fraction", "0.25",
+                                      "--output-dir", str(tmp_path / f"out-{cached}"),
+                                      "--feature-cache" if cached else "--no-feature-cache"])
+    assert runs[True]["after"] == pytest.approx(runs[False]["after"], abs=1e-6)
+    weights = [load_file(tmp_path / f"out-{c}" / "adapter_model.safetensors") for c in (False, True)]
+    for name, tensor in weights[0].items():
+        assert torch.allclose(weights[1][name], tensor, atol=1e-5), name

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-import peft
 import torch
 from torch import nn
 
@@ -76,8 +75,8 @@ class AdapterSpec:
 
 
 def inner_model(model: nn.Module) -> nn.Module:
-    """The open_clip model inside a PEFT wrapper (or `model` itself)."""
-    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    """The open_clip model inside a PEFT or feature-cache wrapper (or `model` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | None = None,
