@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import datasets
 import torch
@@ -23,6 +26,12 @@ _BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".
              ".arrow": "arrow"}
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 _PROGRESS_MIN_ROWS = 1000
+_DEFAULT_IMAGE_COLUMN = "file_name"
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+ImageRef = str | bytes
+T = TypeVar("T", "PairSet", "LabelledSet")
+_Select = Callable[[int], Sequence[list[int]]]  # number of images -> the image indices of each set to build
 
 
 class DataError(ValueError):
@@ -36,17 +45,19 @@ class DataConfig(ConfigMixin):
     section: ClassVar[str] = "data"
 
     source: str | None = field(default=None, metadata={
-        "help": "Image folder (metadata.csv/jsonl, or class subfolders), .csv/.tsv/.jsonl/.parquet/.arrow file, "
-                "a folder of parquet files, or a Hugging Face Hub dataset id."})
-    image_column: str = field(default="file_name", metadata={
-        "help": "Column holding image paths (relative to the file's folder) or an Image feature; "
-                "'image' is used when this column is absent and an Image feature exists."})
+        "help": "Image folder (metadata.csv/jsonl beside the images, or split/class subfolders), a "
+                ".csv/.tsv/.jsonl/.json/.parquet/.arrow file or a glob of them, a folder of parquet files, "
+                "or a Hugging Face Hub dataset id 'user/name'."})
+    image_column: str = field(default=_DEFAULT_IMAGE_COLUMN, metadata={
+        "help": "Column of image paths (relative to the file's folder) or an Image feature; with the default, "
+                "a data set without that column uses its first Image feature (e.g. 'image')."})
     caption_column: str = field(default="caption", metadata={"help": "Column of captions (a string or a list)."})
     label_column: str = field(default="label", metadata={"help": "Column of class labels, for classification."})
     split: str = field(default="train", metadata={"help": "Split to train on."})
     val_split: str | None = field(default=None, metadata={
-        "help": "Split to evaluate on; if unset, hold out val_fraction of the images."})
-    val_fraction: float = field(default=0.1, metadata={"help": "Share of images held out when val_split is unset."})
+        "help": "Split of the source to evaluate on; if unset, hold out val_fraction of the images."})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "Share of images held out (all captions of an image stay together) when val_split is unset."})
     max_images: int | None = field(default=None, metadata={"help": "Use at most this many training images."})
     max_val_images: int | None = field(default=None, metadata={"help": "Use at most this many held-out images."})
     augment: bool = field(default=True, metadata={
@@ -57,46 +68,51 @@ class DataConfig(ConfigMixin):
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/held-out split and subsampling."})
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0 and self.val_split is None:
-            raise ValueError(f"val_fraction={self.val_fraction}: must be in (0, 1)")
+        if self.source is not None and not self.source.strip():
+            raise ValueError(f"source={self.source!r}: must not be empty")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
         for name in ("max_images", "max_val_images"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
-        for name in ("image_column", "caption_column", "label_column", "split"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} must not be empty")
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
+        for name in ("image_column", "caption_column", "label_column", "split", "val_split"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ValueError(f"{name}={getattr(self, name)!r}: must not be empty")
 
 
 @dataclass
 class PairSet:
     """Distinct images (a path or encoded bytes each) with all their captions."""
 
-    images: list[str | bytes]
+    images: list[ImageRef]
     captions: list[list[str]]
-    names: list[str]
-    skipped: int = 0
+    names: list[str]  # the file path, or "<source>:row N" for encoded bytes
+    skipped: int = 0  # bad rows dropped (only with skip_bad_rows)
 
 
 @dataclass
 class LabelledSet:
     """Images with one integer label each, and the class names."""
 
-    images: list[str | bytes]
+    images: list[ImageRef]
     labels: list[int]
     names: list[str]
     class_names: list[str]
     skipped: int = 0
 
 
-def decode_image(ref: str | bytes) -> Image.Image:
+def decode_image(ref: ImageRef) -> Image.Image:
     """An RGB PIL image from a path or encoded bytes (grayscale, palette and RGBA are converted)."""
-    image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
-    image.load()
-    return image.convert("RGB")
+    with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
+        if image.mode == "P" and "transparency" in image.info:
+            return image.convert("RGBA").convert("RGB")  # PIL warns when dropping palette alpha directly
+        return image.convert("RGB")
 
 
-def _image_problem(ref: str | bytes) -> str | None:
-    """Why `ref` is not a usable image, or None."""
+def _image_problem(ref: ImageRef | None) -> str | None:
+    """Why `ref` is not a usable image, or None. JPEGs decode at 1/8 scale, which still finds truncation."""
+    if ref is None:
+        return "no image in this row"
     if isinstance(ref, str):
         path = Path(ref)
         if not path.is_file():
@@ -104,9 +120,27 @@ def _image_problem(ref: str | bytes) -> str | None:
         if path.stat().st_size == 0:
             return "image file is empty (0 bytes)"
     try:
-        decode_image(ref)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"cannot decode image ({e})"
+        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
+            image.draft("RGB", (1, 1))
+            image.load()
+    except _DECODE_ERRORS as e:
+        return f"cannot decode image: {e}"
+    return None
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _caption_problem(value: Any) -> str | None:
+    captions = _as_list(value)
+    if not captions:
+        return "no captions (empty list)"
+    for caption in captions:
+        if not isinstance(caption, str):
+            return f"caption is not text: {caption!r}"
+        if not caption.strip():
+            return f"empty caption {caption!r}"
     return None
 
 
@@ -117,60 +151,58 @@ def _csv_options(suffix: str) -> dict[str, Any]:
     return {"keep_default_na": False, "na_values": [], **({"delimiter": "\t"} if suffix == ".tsv" else {})}
 
 
+@contextmanager
+def _loading(shown: str, split: str) -> Iterator[None]:
+    """Turn what `datasets.load_dataset` raises into a one-line DataError naming the source and split."""
+    try:
+        yield
+    except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:
+        cause = e  # datasets wraps parser errors in "An error occurred while generating the dataset"
+        while isinstance(cause, datasets.exceptions.DatasetBuildError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if "corresponds to no data" in reason:
+            raise DataError(f"{shown}: the data set is empty (split {split!r} has no rows)") from e
+        raise DataError(f"cannot load split {split!r} of {shown}: {reason}") from e
+
+
+def _read_file(path: Path, config: DataConfig, split: str) -> datasets.Dataset:
+    """A table file (or glob) as one split named `config.split`, so that asking it for another split fails."""
+    if "*" not in path.name:
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the data set is empty (0 bytes)")
+    with _loading(str(path), split):
+        return datasets.load_dataset(_BUILDERS[path.suffix], data_files={config.split: str(path)}, split=split,
+                                     **_csv_options(path.suffix))
+
+
 def _load_split(config: DataConfig, split: str) -> tuple[datasets.Dataset, Path, str]:
     """The split as a `datasets.Dataset`, the folder relative paths start from, and a display name."""
-    source = shown = Path(config.source)
-    try:
-        if source.is_dir():
-            metadata = next((source / m for m in _METADATA_FILES if (source / m).is_file()), None)
-            if metadata is not None:
-                shown = metadata
-                data = datasets.load_dataset(_BUILDERS[metadata.suffix], data_files={split: str(metadata)},
-                                             split=split, **_csv_options(metadata.suffix))
-                return data, source, metadata.name
+    source = Path(config.source)
+    if source.is_dir():
+        metadata = next((source / m for m in _METADATA_FILES if (source / m).is_file()), None)
+        if metadata is not None:  # read directly: the imagefolder builder turns captions like 'NA' into None
+            return _read_file(metadata, config, split), source, metadata.name
+        with _loading(str(source), split):  # split or class subfolders, or parquet shards: datasets infers which
             return datasets.load_dataset(str(source), split=split), source, source.name
-        if source.suffix in _BUILDERS or "*" in source.name:
-            if "*" not in source.name and not source.is_file():
-                raise DataError(f"data file not found: {source}")
-            kwargs = _csv_options(source.suffix)
-            data = datasets.load_dataset(_BUILDERS[source.suffix], data_files={split: str(source)}, split=split,
-                                         **kwargs)
-            return data, source.parent, source.name
-        if source.exists() or config.source.count("/") != 1:
-            raise DataError(f"cannot read {config.source}: expected a folder, a "
-                            f"{'/'.join(sorted(_BUILDERS))} file, or a Hub dataset id 'user/name'")
+    if source.suffix in _BUILDERS:
+        return _read_file(source, config, split), source.parent, source.name
+    if source.exists() or config.source.count("/") != 1:
+        raise DataError(f"cannot read {config.source}: expected a folder, a "
+                        f"{'/'.join(sorted(_BUILDERS))} file or glob, or a Hub dataset id 'user/name'")
+    with _loading(f"{config.source} (no such local path, so tried as a Hub dataset id)", split):
         return datasets.load_dataset(config.source, split=split), Path("."), config.source
-    except DataError:
-        raise
-    except (ValueError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "corresponds to no data" in first_line:
-            raise DataError(f"{shown}: the data set is empty (split {split!r} has no rows)") from e
-        raise DataError(f"cannot load split {split!r} of {config.source}: {first_line}") from e
 
 
-def _image_column(data: datasets.Dataset, config: DataConfig, name: str) -> str:
-    column = config.image_column
-    if column not in data.column_names:
-        images = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
-        if not images:
-            raise DataError(f"{name}: no column {column!r}; columns are: {', '.join(data.column_names)}")
-        column = images[0]
-    return column
+class _Table(NamedTuple):
+    """One split read from the source: the table, per-row image refs and names, and its display name."""
 
-
-def _refs(data: datasets.Dataset, column: str, root: Path) -> list[str | bytes]:
-    """Image references per row: bytes when the data set stores them, else a resolved path."""
-    if isinstance(data.features[column], datasets.Image):
-        data = data.cast_column(column, datasets.Image(decode=False))
-    refs = []
-    for value in data[column]:
-        if isinstance(value, dict):
-            value = value["bytes"] if value.get("bytes") is not None else value["path"]
-        if isinstance(value, str):
-            value = str(root / value) if not Path(value).is_absolute() else value
-        refs.append(value)
-    return refs
+    data: datasets.Dataset
+    refs: list[ImageRef | None]
+    names: list[str]
+    name: str
 
 
 def _check_column(data: datasets.Dataset, column: str, name: str) -> None:
@@ -178,137 +210,153 @@ def _check_column(data: datasets.Dataset, column: str, name: str) -> None:
         raise DataError(f"{name}: no column {column!r}; columns are: {', '.join(data.column_names)}")
 
 
-def _describe(ref: str | bytes, row: int, name: str) -> str:
-    return f"{ref} (row {row})" if isinstance(ref, str) else f"{name}: row {row}"
+def _refs(data: datasets.Dataset, column: str, root: Path, name: str) -> tuple[list[ImageRef | None], list[str]]:
+    """Per row: encoded bytes when the data set embeds them, else a resolved path; and a readable name."""
+    if isinstance(data.features[column], datasets.Image):
+        data = data.cast_column(column, datasets.Image(decode=False))
+    refs, names = [], []
+    for row, value in enumerate(data[column]):
+        if isinstance(value, dict):
+            value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+        if isinstance(value, str):
+            value = value if Path(value).is_absolute() else str(root / value)
+        refs.append(value if isinstance(value, (str, bytes)) else None)
+        names.append(value if isinstance(value, str) else f"{name}:row {row}")
+    return refs, names
 
 
-def _validate(refs: list[str | bytes], texts: list[Any] | None, name: str, skip: bool) -> tuple[list[int], int]:
-    """Indices of good rows and the number of bad ones; raises on the first bad row unless `skip`."""
-    good, bad, problems = [], 0, {}
-    for row, ref in enumerate(tqdm(refs, desc="checking data", leave=False,
-                                   disable=len(refs) < _PROGRESS_MIN_ROWS)):
-        key = ref if isinstance(ref, str) else row
-        if key not in problems:
-            problems[key] = _image_problem(ref)
-        problem = problems[key]
-        if problem is None and texts is not None:
-            captions = texts[row] if isinstance(texts[row], list) else [texts[row]]
-            if not captions or any(not isinstance(c, str) or not c.strip() for c in captions):
-                problem = f"empty caption {texts[row]!r}"
+def _read_table(config: DataConfig, split: str, column: str) -> _Table:
+    """Read `split` and check that it has rows, an image column and `column`."""
+    data, root, name = _load_split(config, split)
+    if len(data) == 0:
+        raise DataError(f"{name}: the data set is empty")
+    image_column = config.image_column
+    image_features = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
+    if image_column not in data.column_names and image_column == _DEFAULT_IMAGE_COLUMN and image_features:
+        image_column = image_features[0]  # imagefolder and most Hub sets: an `image` feature
+    _check_column(data, image_column, name)
+    _check_column(data, column, name)
+    return _Table(data, *_refs(data, image_column, root, name), name)
+
+
+def _validate(table: _Table, rows: list[int], row_problem: Callable[[int], str | None],
+              skip: bool) -> tuple[list[int], int]:
+    """The good ones of `rows` and the number of bad ones; raises on the first bad row unless `skip`."""
+    good, bad, checked = [], 0, {}
+    for row in tqdm(rows, desc="checking data", leave=False, disable=len(rows) <= _PROGRESS_MIN_ROWS):
+        ref = table.refs[row]
+        key = ref if ref is not None else row  # an image shared by several rows is decoded once
+        if key not in checked:
+            checked[key] = _image_problem(ref)
+        problem = checked[key] or row_problem(row)
         if problem is None:
             good.append(row)
         elif skip:
             bad += 1
         else:
-            raise DataError(f"{_describe(ref, row, name)}: {problem} (pass --skip-bad-rows to drop such rows)")
+            where = f"{table.names[row]} (row {row})" if isinstance(ref, str) else table.names[row]
+            raise DataError(f"{where}: {problem} (pass --skip-bad-rows to drop such rows)")
+    if rows and not good:
+        raise DataError(f"{table.name}: every row is bad ({bad} skipped)")
     return good, bad
 
 
-def _group_pairs(refs: list[str | bytes], texts: list[Any], rows: list[int], name: str) -> PairSet:
-    """One entry per distinct image path (rows with encoded bytes are each their own image)."""
-    index: dict[Any, int] = {}
-    pairs = PairSet(images=[], captions=[], names=[])
-    for row in rows:
-        ref = refs[row]
-        key = ref if isinstance(ref, str) else ("row", row)
-        if key not in index:
-            index[key] = len(pairs.images)
-            pairs.images.append(ref)
-            pairs.captions.append([])
-            pairs.names.append(_describe(ref, row, name))
-        captions = texts[row] if isinstance(texts[row], list) else [texts[row]]
-        pairs.captions[index[key]].extend(c.strip() for c in captions)
-    return pairs
-
-
-def _subset(pairs: PairSet, keep: list[int]) -> PairSet:
-    return PairSet([pairs.images[i] for i in keep], [pairs.captions[i] for i in keep],
-                   [pairs.names[i] for i in keep], pairs.skipped)
+def _group_rows(refs: list[ImageRef | None]) -> list[list[int]]:
+    """Row numbers per distinct image, in order of first appearance: same path or same encoded bytes."""
+    groups: dict[Any, list[int]] = {}
+    for row, ref in enumerate(refs):
+        groups.setdefault(ref if ref is not None else ("row", row), []).append(row)
+    return list(groups.values())
 
 
 def _split_indices(n: int, config: DataConfig) -> tuple[list[int], list[int]]:
+    """Seeded image-level split; the caps shrink each side without moving images between them."""
     order = list(range(n))
     random.Random(config.split_seed).shuffle(order)
-    if config.max_images is not None:
-        order = order[:config.max_images + (config.max_val_images or max(1, int(config.max_images
-                                                                                 * config.val_fraction)))]
-    n_val = max(1, round(len(order) * config.val_fraction))
-    if n_val >= len(order):
-        raise DataError(f"{config.source}: {len(order)} images are too few to hold out {config.val_fraction:.0%}")
+    n_val = max(1, round(n * config.val_fraction)) if config.val_fraction > 0 else 0
+    if n_val >= n:
+        raise DataError(f"{config.source}: {n} image(s) are too few to hold out val_fraction={config.val_fraction}; "
+                        f"use val_fraction=0 or a val_split")
     val, train = order[:n_val], order[n_val:]
-    return sorted(train[:config.max_images] if config.max_images else train), \
-        sorted(val[:config.max_val_images] if config.max_val_images else val)
+    if config.max_images is not None:
+        train = train[:config.max_images]
+    val_limit = config.max_val_images
+    if val_limit is None and config.max_images is not None and n_val:
+        val_limit = max(1, round(len(train) * config.val_fraction / (1 - config.val_fraction)))
+    return sorted(train), sorted(val[:val_limit])
 
 
-def _load_pair_split(config: DataConfig, split: str) -> PairSet:
-    data, root, name = _load_split(config, split)
-    if len(data) == 0:
-        raise DataError(f"{name}: the data set is empty")
-    column = _image_column(data, config, name)
-    _check_column(data, config.caption_column, name)
-    refs, texts = _refs(data, column, root), data[config.caption_column]
-    rows, bad = _validate(refs, texts, name, config.skip_bad_rows)
-    if not rows:
-        raise DataError(f"{name}: every row is bad ({bad} skipped)")
-    pairs = _group_pairs(refs, texts, rows, name)
-    pairs.skipped = bad
-    return pairs
+def _cap_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
 
 
-def _cap(pairs: PairSet, limit: int | None, seed: int) -> PairSet:
-    if limit is None or limit >= len(pairs.images):
-        return pairs
-    keep = sorted(random.Random(seed).sample(range(len(pairs.images)), limit))
-    return _subset(pairs, keep)
+def _train_val(config: DataConfig, load_sets: Callable[[DataConfig, str, _Select], list[T]]) -> tuple[T, T]:
+    """Both sets: the named val_split, or an image-level hold-out of the training split."""
+    if config.source is None:
+        raise DataError("no data source given (--source)")
+    if config.val_split is None:
+        train, val = load_sets(config, config.split, lambda n: _split_indices(n, config))
+        return train, val
+    (train,) = load_sets(config, config.split, lambda n: [_cap_indices(n, config.max_images, config.split_seed)])
+    (val,) = load_sets(config, config.val_split,
+                       lambda n: [_cap_indices(n, config.max_val_images, config.split_seed)])
+    return train, val
+
+
+def _validated_sets(table: _Table, groups: list[list[int]], select: _Select, row_problem: Callable[[int], str | None],
+                    skip: bool) -> list[tuple[list[list[int]], int]]:
+    """Per set that `select` picks: the good rows of each chosen image (dropping images left with none), bad rows."""
+    sets = []
+    for chosen in select(len(groups)):
+        good, bad = _validate(table, sorted(row for i in chosen for row in groups[i]), row_problem, skip)
+        good = set(good)
+        kept = [[row for row in groups[i] if row in good] for i in chosen]
+        sets.append(([image_rows for image_rows in kept if image_rows], bad))
+    return sets
+
+
+def _pair_sets(config: DataConfig, split: str, select: _Select) -> list[PairSet]:
+    """Group rows by image, choose images with `select`, then validate only the chosen images' rows."""
+    table = _read_table(config, split, config.caption_column)
+    texts = table.data[config.caption_column]
+    return [PairSet(images=[table.refs[rows[0]] for rows in kept], names=[table.names[rows[0]] for rows in kept],
+                    captions=[[c.strip() for row in rows for c in _as_list(texts[row])] for rows in kept], skipped=bad)
+            for kept, bad in _validated_sets(table, _group_rows(table.refs), select,
+                                             lambda row: _caption_problem(texts[row]), config.skip_bad_rows)]
 
 
 def load_pairs(config: DataConfig) -> tuple[PairSet, PairSet]:
-    """Validated (train, held-out) image–caption sets; rows sharing an image path are grouped.
+    """Validated (train, held-out) image–caption sets; rows sharing an image are grouped.
+
+    Only the images kept (after the split and `max_images`) are checked, so quick runs on big sets stay quick.
+
+    Args:
+        config: the source, its columns and how to split it.
 
     >>> train, val = load_pairs(DataConfig(source="../shared/data/flickr8k-800/captions.csv"))  # doctest: +SKIP
+    >>> len(train.captions[0])  # doctest: +SKIP
+    5
     """
-    if config.source is None:
-        raise DataError("no data source given (--source)")
-    pairs = _load_pair_split(config, config.split)
-    if config.val_split is not None:
-        val = _load_pair_split(config, config.val_split)
-        return _cap(pairs, config.max_images, config.split_seed), _cap(val, config.max_val_images, config.split_seed)
-    train_idx, val_idx = _split_indices(len(pairs.images), config)
-    val = _subset(pairs, val_idx)
-    val.skipped = 0  # bad rows of the shared pool are counted once, on the training set
-    return _subset(pairs, train_idx), val
+    return _train_val(config, _pair_sets)
 
 
-def _load_label_split(config: DataConfig, split: str) -> LabelledSet:
-    data, root, name = _load_split(config, split)
-    if len(data) == 0:
-        raise DataError(f"{name}: the data set is empty")
-    column = _image_column(data, config, name)
-    _check_column(data, config.label_column, name)
-    feature = data.features[config.label_column]
-    raw = data[config.label_column]
+def _label_sets(config: DataConfig, split: str, select: _Select) -> list[LabelledSet]:
+    """One image per row; labels from a ClassLabel feature (-1 means none), or the sorted distinct values."""
+    table = _read_table(config, split, config.label_column)
+    feature, raw = table.data.features[config.label_column], table.data[config.label_column]
     if isinstance(feature, datasets.ClassLabel):
-        class_names, labels = list(feature.names), list(raw)
+        class_names, labels = list(feature.names), [v if v is not None and v >= 0 else None for v in raw]
     else:
-        class_names = sorted({str(v) for v in raw})
-        labels = [class_names.index(str(v)) for v in raw]
-    refs = _refs(data, column, root)
-    rows, bad = _validate(refs, None, name, config.skip_bad_rows)
-    if not rows:
-        raise DataError(f"{name}: every row is bad ({bad} skipped)")
-    return LabelledSet([refs[r] for r in rows], [labels[r] for r in rows],
-                       [_describe(refs[r], r, name) for r in rows], class_names, bad)
-
-
-def _label_subset(data: LabelledSet, keep: list[int]) -> LabelledSet:
-    return LabelledSet([data.images[i] for i in keep], [data.labels[i] for i in keep],
-                       [data.names[i] for i in keep], data.class_names, data.skipped)
-
-
-def _label_cap(data: LabelledSet, limit: int | None, seed: int) -> LabelledSet:
-    if limit is None or limit >= len(data.images):
-        return data
-    return _label_subset(data, sorted(random.Random(seed).sample(range(len(data.images)), limit)))
+        class_names = sorted({str(v) for v in raw if v is not None})
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[str(v)] if v is not None else None for v in raw]
+    return [LabelledSet([table.refs[r] for (r,) in kept], [labels[r] for (r,) in kept],
+                        [table.names[r] for (r,) in kept], class_names, bad)
+            for kept, bad in _validated_sets(table, [[row] for row in range(len(raw))], select,
+                                             lambda row: None if labels[row] is not None else "no label",
+                                             config.skip_bad_rows)]
 
 
 def load_labelled(config: DataConfig) -> tuple[LabelledSet, LabelledSet]:
@@ -316,30 +364,22 @@ def load_labelled(config: DataConfig) -> tuple[LabelledSet, LabelledSet]:
 
     >>> train, test = load_labelled(DataConfig(source="../shared/data/cifar10", val_split="test"))  # doctest: +SKIP
     """
-    if config.source is None:
-        raise DataError("no data source given (--source)")
-    train = _load_label_split(config, config.split)
-    if config.val_split is not None:
-        val = _load_label_split(config, config.val_split)
-        if val.class_names != train.class_names:
-            raise DataError(f"{config.source}: splits {config.split!r} and {config.val_split!r} "
-                            f"have different classes")
-        return (_label_cap(train, config.max_images, config.split_seed),
-                _label_cap(val, config.max_val_images, config.split_seed))
-    train_idx, val_idx = _split_indices(len(train.images), config)
-    val = _label_subset(train, val_idx)
-    val.skipped = 0  # bad rows of the shared pool are counted once, on the training set
-    return _label_subset(train, train_idx), val
+    train, val = _train_val(config, _label_sets)
+    if val.class_names != train.class_names:
+        raise DataError(f"{config.source}: splits {config.split!r} and {config.val_split!r} have different classes")
+    return train, val
 
 
-def _seed(*parts: int) -> int:
-    return hash(parts) % (2**63)
+def _item_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process and Python version (unlike hash())."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class _ImageDataset(Dataset):
     """Decodes and transforms images in DataLoader workers, with augmentation seeded per item."""
 
-    def __init__(self, images: list[str | bytes], names: list[str], transform: Callable, seed: int = 0) -> None:
+    def __init__(self, images: list[ImageRef], names: list[str], transform: Callable, seed: int = 0) -> None:
         self.images, self.names, self.transform, self.seed = images, names, transform, seed
         self.epoch = 0
 
@@ -353,16 +393,19 @@ class _ImageDataset(Dataset):
     def image(self, i: int) -> torch.Tensor:
         try:
             image = decode_image(self.images[i])
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise DataError(f"{self.names[i]}: cannot decode image ({e})") from e
+        except _DECODE_ERRORS as e:
+            raise DataError(f"{self.names[i]}: cannot decode image: {e}") from e
         # Random augmentation becomes a function of (seed, epoch, item), the same in any worker.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(self.seed, self.epoch, i))
+            torch.random.default_generator.manual_seed(_item_seed(self.seed, self.epoch, i))
             return self.transform(image)
 
 
 class TrainPairs(_ImageDataset):
-    """(image tensor, token ids) with one caption per image, sampled anew each epoch."""
+    """(image tensor, token ids) with one caption per image, sampled anew each epoch.
+
+    The caption of item i is a function of (seed, epoch, i), so it is the same in any worker or process.
+    """
 
     def __init__(self, pairs: PairSet, transform: Callable, tokenizer: Callable, seed: int = 0) -> None:
         super().__init__(pairs.images, pairs.names, transform, seed)
@@ -370,7 +413,7 @@ class TrainPairs(_ImageDataset):
 
     def caption_index(self, i: int) -> int:
         """Which of image `i`'s captions this epoch uses."""
-        return random.Random(_seed(self.seed, self.epoch, i)).randrange(len(self.captions[i]))
+        return random.Random(_item_seed(self.seed, self.epoch, i)).randrange(len(self.captions[i]))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image(i), self.tokenizer([self.captions[i][self.caption_index(i)]])[0]
