@@ -13,7 +13,15 @@ from PIL import Image
 
 import peftclip.synthetic
 from peftclip.data import DataConfig, load_labelled, load_pairs
-from peftclip.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, VERSION, default_data_dir, make_shapes_dataset
+from peftclip.synthetic import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    VERSION,
+    default_data_dir,
+    make_shapes_dataset,
+)
 
 N_IMAGES = 40
 AREA_PER_RADIUS_SQUARED = {"circle": math.pi, "square": 4.0, "triangle": 2.0}
