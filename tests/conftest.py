@@ -6,11 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from peftclip.models import BaseConfig, BaseModel, load_base
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODEL_NAMES = ["peftclip-tiny", "ViT-B-32"]
+
+# Generation speed depends on how busy the shared machine is; the properties do not.
+settings.register_profile("peftclip", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("peftclip")
 
 
 def image_batch(model: torch.nn.Module, n: int = 2, seed: int = 0) -> torch.Tensor:

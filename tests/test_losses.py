@@ -58,5 +58,8 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     assert double["loop_loss"] == pytest.approx(single["loop_loss"], abs=1e-5)
     grads_one, grads_two = load_file(one / "grads.safetensors"), load_file(two / "grads.safetensors")
     assert grads_one.keys() == grads_two.keys() and grads_one
-    for name in grads_one:
-        assert torch.allclose(grads_one[name], grads_two[name], atol=1e-6, rtol=1e-4), name
+    for name, grad in grads_one.items():
+        # Two processes sum the same terms in another order: float32 noise of a few 1e-6 of the
+        # tensor's scale, where a missing gather or a wrong average would differ by order one.
+        torch.testing.assert_close(grads_two[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
+                                   msg=lambda message: f"{name}: {message}")
