@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -16,7 +19,7 @@ from .adapters.attention import SplitMultiheadAttention
 from .io import AdapterError, _check_base, load_adapter, read_metadata
 from .models import BaseModel
 
-__all__ = ["AdaptedCLIP", "export_open_clip_state_dict"]
+__all__ = ["AdaptedCLIP", "embed_images", "export_open_clip_state_dict", "image_index"]
 
 
 class AdaptedCLIP:
@@ -142,3 +145,54 @@ def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[key.replace(".base_layer.", ".")] = tensor
     # Copies, not views: the caller may unmerge the live weights before writing these out.
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+def _folder_signature(files: list[Path]) -> str:
+    """Changes when any image is added, removed, resized or touched."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, transform: Callable, paths: list[Path], batch_size: int = 64) -> torch.Tensor:
+    """Normalised image embeddings of `paths`, in batches, with a progress bar for long lists."""
+    from tqdm.auto import tqdm
+
+    from .data import decode_image
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="embedding", disable=len(paths) <= batch_size,
+                      leave=False):
+        batch = torch.stack([transform(decode_image(str(p))) for p in paths[start:start + batch_size]])
+        chunks.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def image_index(model: nn.Module, transform: Callable, folder: str | os.PathLike, index_path: str | os.PathLike,
+                identity: str) -> tuple[list[Path], torch.Tensor]:
+    """Embeddings of every image in `folder`, kept in `index_path` and reused while nothing changed.
+
+    `identity` names the model (base and adapter checksum); a different one rebuilds the index.
+    """
+    folder, index_path = Path(folder), Path(index_path)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    signature = hashlib.sha256(f"{_folder_signature(files)}\0{identity}".encode()).hexdigest()
+    if index_path.is_file():
+        with safe_open(str(index_path), "pt") as f:
+            if f.metadata().get("signature") == signature:
+                return files, f.get_tensor("embeddings")
+    embeddings = embed_images(model, transform, files)
+    tmp = index_path.with_name(f".{index_path.name}.tmp-{os.getpid()}")
+    save_file({"embeddings": embeddings.contiguous()}, tmp,
+              metadata={"signature": signature, "files": json.dumps([p.name for p in files])})
+    os.replace(tmp, index_path)
+    return files, embeddings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,18 +55,21 @@ def test_base_from_a_local_weights_file_loads_those_weights(weights_files):
     assert base.info["pretrained"] == "tiny-1.safetensors" and len(base.info["weights_sha256"]) == 64
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["info", "--help"], ["eval", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], *([c, "--help"] for c in ("train", "info", "eval", "embed", "search",
+                                                                          "merge", "push"))])
 def test_help_explains_every_command(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "usage: peftclip" in text and ("--source" in text if argv[0] == "eval" else True)
+    assert "usage: peftclip" in text
+    if argv[0] in ("eval", "search", "embed"):
+        assert "--images" in text or "--source" in text
 
 
 def test_console_script_is_installed():
     done = subprocess.run([Path(sys.executable).with_name("peftclip"), "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and "{train,info,eval}" in done.stdout
+    assert done.returncode == 0 and "{train,info,eval,embed,search,merge,push}" in done.stdout
 
 
 def test_info_shows_base_strategy_size_and_metrics(adapter, capsys):
@@ -120,3 +124,71 @@ def test_adapter_errors_exit_2_with_one_line(case, adapter, shapes, weights_file
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.fixture
+def tiny_adapter(tmp_path):
+    """A LoRA adapter on the default tiny base (random init, seed 0)."""
+    base = load_base()
+    model = apply_lora(base.model, LoraConfig(r=2), init_lora_weights=False)
+    return save_adapter(model, tmp_path / "tiny-adapter", base.info, {"lora": LoraConfig(r=2).to_dict()})
+
+
+def test_embed_writes_one_row_per_image_and_search_reuses_the_index(tiny_adapter, shapes, tmp_path, capsys,
+                                                                     monkeypatch):
+    from safetensors.torch import load_file as load
+    out = tmp_path / "embeddings.safetensors"
+    assert main(["embed", str(tiny_adapter), "--images", str(shapes / "images"), "--out", str(out)]) == 0
+    assert load(out)["embeddings"].shape == (40, 64)
+    assert "40 images embedded" in capsys.readouterr().out
+    index = tmp_path / "index.safetensors"
+    argv = ["search", str(tiny_adapter), "--images", str(shapes / "images"), "--query", "a red circle",
+            "--top-k", "3", "--index", str(index)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert [line.split(".")[0] for line in first] == ["1", "2", "3"] and all(".png" in line for line in first)
+    import peftclip.inference as inference
+    monkeypatch.setattr(inference, "embed_images", lambda *a, **k: pytest.fail("index was not reused"))
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == first
+
+
+def test_search_rebuilds_the_index_when_the_folder_changes(tiny_adapter, shapes, tmp_path, capsys):
+    import shutil
+    images = tmp_path / "images"
+    shutil.copytree(shapes / "images", images)
+    argv = ["search", str(tiny_adapter), "--images", str(images), "--query", "a blue square"]
+    assert main(argv) == 0
+    (images / "00000.png").unlink()
+    assert main(argv) == 0
+    assert "00000.png" not in capsys.readouterr().out.split("\n\n")[-1]
+
+
+def test_merge_writes_a_plain_open_clip_checkpoint(tiny_adapter, tmp_path):
+    import open_clip
+
+    from peftclip.io import load_adapter
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(tiny_adapter), "--out", str(out)]) == 0
+    plain, _, _ = open_clip.create_model_and_transforms("peftclip-tiny", pretrained=str(out))
+    adapted = load_adapter(load_base(), tiny_adapter)
+    images = torch.randn(2, 3, 32, 32)
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain.encode_image(images), adapted.encode_image(images), atol=1e-5)
+
+
+def test_push_calls_the_hub_with_the_card(tiny_adapter, monkeypatch, capsys):
+    import huggingface_hub
+    seen = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: seen.update(repo=repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: seen.update(files=sorted(os.listdir(kw["folder_path"]))) or "url://c")
+    assert main(["push", str(tiny_adapter), "someone/tiny", "--private"]) == 0
+    assert seen["repo"] == "someone/tiny" and "README.md" in seen["files"]
+    assert "url://c" in capsys.readouterr().out
+
+
+def test_bare_base_needs_a_model_name(shapes, capsys):
+    assert main(["embed", "--images", str(shapes / "images"), "--out", "x.safetensors"]) == 2
+    assert "give an adapter, or --model-name" in capsys.readouterr().err
