@@ -12,7 +12,8 @@ from torch import nn
 
 from ..utils import ConfigMixin
 
-__all__ = ["CLASSIFIER_NAME", "ClipClassifier", "HeadConfig", "attach_head", "classifier", "zero_shot_weights"]
+__all__ = ["CLASSIFIER_NAME", "ClipClassifier", "HeadConfig", "attach_head", "classifier", "create_head",
+           "zero_shot_weights"]
 
 CLASSIFIER_NAME = "peftclip_head"
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a drawing of a {}.")
@@ -78,8 +79,8 @@ class _ClassifierForward(nn.Module):
         return self._head[0](self.model.encode_image(images))
 
 
-def attach_head(inner: nn.Module, config: HeadConfig, weights: torch.Tensor | None = None) -> ClipClassifier:
-    """Add a trainable head to the open_clip model `inner`; `weights` start it (zero-shot init)."""
+def create_head(inner: nn.Module, config: HeadConfig, weights: torch.Tensor | None = None) -> ClipClassifier:
+    """A head for the open_clip model `inner`, on its device, not yet attached; `weights` start it."""
     if config.init == "zeroshot" and weights is None:
         raise ValueError("init='zeroshot' needs the zero-shot weights (see zero_shot_weights)")
     embed_dim = inner.visual.output_dim
@@ -87,8 +88,13 @@ def attach_head(inner: nn.Module, config: HeadConfig, weights: torch.Tensor | No
         weights = torch.randn(config.n_classes, embed_dim) * embed_dim ** -0.5
     if tuple(weights.shape) != (config.n_classes, embed_dim):
         raise ValueError(f"head weights have shape {tuple(weights.shape)}, expected ({config.n_classes}, {embed_dim})")
-    head = ClipClassifier(weights.float()).to(next(inner.parameters()).device)
-    inner.add_module(CLASSIFIER_NAME, head)
+    return ClipClassifier(weights.float()).to(next(inner.parameters()).device)
+
+
+def attach_head(inner: nn.Module, config: HeadConfig, weights: torch.Tensor | None = None) -> ClipClassifier:
+    """Add a trainable head to the open_clip model `inner`; `weights` start it (zero-shot init)."""
+    head = create_head(inner, config, weights)
+    inner.register_module(CLASSIFIER_NAME, head)
     return head
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..utils import ConfigMixin
 from .lora import TOWERS, tower_blocks_path
 
-__all__ = ["PartialConfig", "apply_partial", "tower_of"]
+__all__ = ["PROJECTIONS", "PartialConfig", "apply_partial", "select_parameters", "tower_of"]
 
 PROJECTIONS = ("visual.proj", "text_projection")
 FINAL_NORMS = {"vision": "visual.ln_post", "text": "ln_final"}
@@ -93,22 +93,31 @@ def _replace_projections(model: nn.Module, new_dim: int) -> None:
         setattr(owner, attr, new)
 
 
+def select_parameters(model: nn.Module, config: PartialConfig) -> list[str]:
+    """Names of the base parameters `config` trains in the open_clip model `model` (LoRA weights aside)."""
+    prefixes = _block_prefixes(model, config) if config.last_blocks else []
+    chosen = []
+    for name, _ in model.named_parameters():
+        tower = tower_of(name)
+        if "lora_" in name:
+            continue
+        if (config.full
+                or (config.freeze is not None and tower not in (config.freeze, None))
+                or ((config.projections or config.freeze or config.new_proj_dim) and name in PROJECTIONS)
+                or (config.logit_scale and name == "logit_scale")
+                or any(name.startswith(p) for p in prefixes)):
+            chosen.append(name)
+    if config.active and not chosen:
+        raise ValueError(f"{config} selects no parameter of {type(model).__name__}")
+    return chosen
+
+
 def apply_partial(model: nn.Module, config: PartialConfig) -> list[str]:
     """Unfreeze the base parameters `config` selects (in place) and return their names."""
     if config.new_proj_dim is not None:
         _replace_projections(model, config.new_proj_dim)
-    prefixes = _block_prefixes(model, config) if config.last_blocks else []
-    chosen = []
-    for name, param in model.named_parameters():
-        tower = tower_of(name)
-        train = (config.full
-                 or (config.freeze is not None and tower not in (config.freeze, None))
-                 or ((config.projections or config.freeze or config.new_proj_dim) and name in PROJECTIONS)
-                 or (config.logit_scale and name == "logit_scale")
-                 or any(name.startswith(p) for p in prefixes))
-        if train:
-            param.requires_grad_(True)
-            chosen.append(name)
-    if config.active and not chosen:
-        raise ValueError(f"{config} selects no parameter of {type(model).__name__}")
+    chosen = select_parameters(model, config)
+    parameters = dict(model.named_parameters())
+    for name in chosen:
+        parameters[name].requires_grad_(True)
     return chosen

@@ -1,7 +1,9 @@
 """Prompt tuning: learned text context vectors (CoOp) and visual prompt tokens (VPT).
 
 Both attach to a frozen open_clip `CLIP` through forward hooks, so the base's own
-forward code runs unchanged and the prompts compose with LoRA and partial tuning.
+forward code runs unchanged and the prompts compose with LoRA and partial tuning. The
+hooks call whichever prompt module the model holds at the time (or none), so prompts
+can be swapped or removed at run time (`set_text_prompt`, `set_visual_prompt`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from torch import nn
 
 from ..utils import ConfigMixin
 
-__all__ = ["TextPrompt", "TextPromptConfig", "VisualPrompt", "VisualPromptConfig", "attach_text_prompt",
-           "attach_visual_prompt"]
+__all__ = ["TEXT_PROMPT_NAME", "VISUAL_PROMPT_NAME", "TextPrompt", "TextPromptConfig", "VisualPrompt",
+           "VisualPromptConfig", "attach_text_prompt", "attach_visual_prompt", "create_text_prompt",
+           "create_visual_prompt", "set_text_prompt", "set_visual_prompt"]
 
 TEXT_PROMPT_NAME = "peftclip_text_prompt"
 VISUAL_PROMPT_NAME = "peftclip_visual_prompt"
@@ -120,40 +123,83 @@ class VisualPrompt(nn.Module):
         prompts = self.prompts[0].to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
         return torch.cat([output[:, :1], prompts, output[:, 1:]], dim=1)
 
-    def replace(self, index: int) -> Callable:
-        """A pre-hook for block `index` writing that block's prompts over the prompt positions."""
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            x = args[0]
-            n = self.config.n_tokens
-            prompts = self.prompts[index].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return (torch.cat([x[:, :1], prompts, x[:, 1 + n:]], dim=1), *args[1:]), kwargs
-        return hook
+    def replace(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Pre-hook of block `index`: write that block's prompts over the prompt positions (deep only)."""
+        if not self.config.deep:
+            return None
+        x = args[0]
+        n = self.config.n_tokens
+        prompts = self.prompts[index].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return (torch.cat([x[:, :1], prompts, x[:, 1 + n:]], dim=1), *args[1:]), kwargs
+
+
+class _Dispatch:
+    """A hook that calls `method` of the prompt module `model` holds under `attr`, or does nothing.
+
+    A plain object rather than a closure, so that `copy.deepcopy(model)` points the copy's
+    hooks at the copy.
+    """
+
+    def __init__(self, model: nn.Module, attr: str, method: str, *args: int) -> None:
+        self.model, self.attr, self.method, self.args = model, attr, method, args
+
+    def __call__(self, *hook_args: object) -> object:
+        prompt = getattr(self.model, self.attr, None)
+        return None if prompt is None else getattr(prompt, self.method)(*self.args, *hook_args)
+
+
+def _hooked(module: nn.Module, attr: str, pre: bool = False) -> bool:
+    hooks = module._forward_pre_hooks if pre else module._forward_hooks
+    return any(isinstance(h, _Dispatch) and h.attr == attr for h in hooks.values())
+
+
+def create_text_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: Callable) -> TextPrompt:
+    """Context vectors for `model`'s text tower, on its device, not yet attached."""
+    if not hasattr(model, "token_embedding"):
+        raise ValueError(f"{type(model).__name__} has no token_embedding; text prompts need open_clip's CLIP")
+    prompt = TextPrompt(config, model.token_embedding.embedding_dim, tokenizer, model.token_embedding)
+    return prompt.to(model.token_embedding.weight.device)
+
+
+def set_text_prompt(model: nn.Module, prompt: TextPrompt | None) -> None:
+    """Make `prompt` the text context of `model` (None: plain text tower); hooks are installed once."""
+    if not _hooked(model.token_embedding, TEXT_PROMPT_NAME):
+        model.token_embedding.register_forward_hook(_Dispatch(model, TEXT_PROMPT_NAME, "hook"))
+    model.register_module(TEXT_PROMPT_NAME, prompt)
 
 
 def attach_text_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: Callable) -> TextPrompt:
     """Add trainable context vectors to `model`'s text tower; returns the module (use its `tokenize`)."""
-    if not hasattr(model, "token_embedding"):
-        raise ValueError(f"{type(model).__name__} has no token_embedding; text prompts need open_clip's CLIP")
-    prompt = TextPrompt(config, model.token_embedding.embedding_dim, tokenizer, model.token_embedding)
-    prompt.to(model.token_embedding.weight.device)
-    model.add_module(TEXT_PROMPT_NAME, prompt)
-    model.token_embedding.register_forward_hook(prompt.hook)
+    prompt = create_text_prompt(model, config, tokenizer)
+    set_text_prompt(model, prompt)
     return prompt
 
 
-def attach_visual_prompt(model: nn.Module, config: VisualPromptConfig) -> VisualPrompt:
-    """Add trainable prompt tokens to `model`'s vision transformer; returns the module."""
+def create_visual_prompt(model: nn.Module, config: VisualPromptConfig) -> VisualPrompt:
+    """Prompt tokens for `model`'s vision transformer, on its device, not yet attached."""
     visual = model.visual
     if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "attn_pool", None) is not None:
         raise ValueError("visual prompts need class-token pooling (pool_type='tok')")
     if not visual.transformer.batch_first:
         raise ValueError("visual prompts need a batch-first vision transformer")
-    blocks = visual.transformer.resblocks
-    prompt = VisualPrompt(config, visual.transformer.width, len(blocks))
-    prompt.to(visual.conv1.weight.device)
-    model.add_module(VISUAL_PROMPT_NAME, prompt)
-    visual.ln_pre.register_forward_hook(prompt.insert)
-    if config.deep:
-        for index in range(1, len(blocks)):
-            blocks[index].register_forward_pre_hook(prompt.replace(index), with_kwargs=True)
+    prompt = VisualPrompt(config, visual.transformer.width, len(visual.transformer.resblocks))
+    return prompt.to(visual.conv1.weight.device)
+
+
+def set_visual_prompt(model: nn.Module, prompt: VisualPrompt | None) -> None:
+    """Make `prompt` the visual prompt of `model` (None: plain vision tower); hooks are installed once."""
+    visual = model.visual
+    if not _hooked(visual.ln_pre, VISUAL_PROMPT_NAME):
+        visual.ln_pre.register_forward_hook(_Dispatch(model, VISUAL_PROMPT_NAME, "insert"))
+        for index, block in enumerate(visual.transformer.resblocks):
+            if index:  # block 0 sees the prompts `insert` placed
+                block.register_forward_pre_hook(_Dispatch(model, VISUAL_PROMPT_NAME, "replace", index),
+                                                with_kwargs=True)
+    model.register_module(VISUAL_PROMPT_NAME, prompt)
+
+
+def attach_visual_prompt(model: nn.Module, config: VisualPromptConfig) -> VisualPrompt:
+    """Add trainable prompt tokens to `model`'s vision transformer; returns the module."""
+    prompt = create_visual_prompt(model, config)
+    set_visual_prompt(model, prompt)
     return prompt
