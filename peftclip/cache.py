@@ -17,11 +17,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .adapters.strategy import inner_model
+from .utils import write_safetensors_atomic
 
 __all__ = ["CachedCLIP", "CachedLabelled", "CachedPairs", "FeatureCache", "cache_frozen_towers", "cache_image_tower",
            "compute_features", "tower_modes"]
@@ -84,10 +85,7 @@ class FeatureCache:
         else:
             features = compute().contiguous()
             if path is not None and features.numel() * features.element_size() >= _DISK_MIN_BYTES:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp-{os.getpid()}")
-                save_file({"features": features}, tmp)
-                os.replace(tmp, path)
+                write_safetensors_atomic({"features": features}, path)
         self._memory[key] = features
         return features
 

@@ -1,6 +1,7 @@
 """The `peftclip` command: train, evaluate, inspect, embed, search, merge and push adapters.
 
-Thin over the library. Adapters are folders or Hugging Face Hub repo ids (namespace/name).
+Thin over the library. Adapters are folders or Hugging Face Hub repo ids (namespace/name);
+commands that take an adapter load the base it names, or the bare base from --model-name.
 """
 
 from __future__ import annotations
@@ -10,26 +11,32 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .data import DataConfig, EvalImages, eval_texts, load_pairs
-from .evaluate import retrieval_recall
+from .adapters.heads import DEFAULT_TEMPLATES
+from .data import DataConfig, EvalImages, eval_texts, load_labelled, load_pairs
+from .evaluate import classification_accuracy, retrieval_recall
 from .hub import push_to_hub, resolve_adapter
-from .inference import AdaptedCLIP, image_index
-from .io import SAFETENSORS_WEIGHTS_NAME, load_adapter, read_metadata
+from .index import list_images
+from .inference import AdaptedCLIP
+from .io import METRICS_NAME, SAFETENSORS_WEIGHTS_NAME, read_metadata
 from .models import BaseConfig, load_base
+from .utils import write_safetensors_atomic
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+ADAPTER = "adapter"  # the name commands attach their one adapter under
+TASKS = ("retrieval", "classification")
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{size} B"
+    return f"{size:.1f} GB"
 
 
 def _base_config(metadata: dict[str, Any], pretrained: str | None) -> BaseConfig:
@@ -41,6 +48,20 @@ def _base_config(metadata: dict[str, Any], pretrained: str | None) -> BaseConfig
                       init_seed=base.get("init_seed", 0))
 
 
+def _load(args: argparse.Namespace) -> tuple[AdaptedCLIP, dict[str, Any] | None]:
+    """The base an adapter names with the adapter attached (and its metadata), or the bare base."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.adapter is None:
+        if not args.model_name:
+            raise ValueError("give an adapter, or --model-name (and --pretrained) for the bare base")
+        return AdaptedCLIP(load_base(BaseConfig(model_name=args.model_name, pretrained=args.pretrained), device)), None
+    folder = resolve_adapter(args.adapter, args.revision)
+    metadata = read_metadata(folder)
+    clip = AdaptedCLIP(load_base(_base_config(metadata, args.pretrained), device))
+    clip.add_adapter(ADAPTER, folder)
+    return clip, metadata
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     """Show an adapter's base, strategy, size and metrics."""
     folder = resolve_adapter(args.adapter, args.revision)
@@ -50,8 +71,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"base:       {', '.join(f'{k}={v}' for k, v in metadata['base'].items())}")
     for method, settings in metadata["strategy"].items():
         print(f"strategy:   {method}: {', '.join(f'{k}={v}' for k, v in settings.items())}")
-    print(f"parameters: {metadata['trainable_parameters']:,} trainable, file {_human(size)}")
-    metrics_file = folder / "metrics.json"
+    print(f"parameters: {metadata['trainable_parameters']:,} trainable, file {_human(size)} "
+          f"({metadata.get('save_dtype', 'fp32')})")
+    metrics_file = folder / METRICS_NAME
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         before, after = metrics.get("before", {}), metrics.get("after", {})
@@ -59,78 +81,82 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"metric:     {key}: {before.get(key, float('nan')):.2f} -> {after[key]:.2f}")
 
 
-@torch.no_grad()
-def _recall(model: torch.nn.Module, images: EvalImages, captions: list[str], owners: list[int],
-            tokenize: Callable, batch_size: int) -> dict[str, float]:
-    model.eval()
-    image_features = torch.cat([model.encode_image(torch.stack([images[i] for i in range(s, min(s + batch_size,
-                                                                                                 len(images)))]))
-                                for s in range(0, len(images), batch_size)])
-    text_features = torch.cat([model.encode_text(tokenize(captions[s:s + batch_size]))
-                               for s in range(0, len(captions), batch_size)])
-    return retrieval_recall(image_features, text_features, owners)
+def _eval_data(args: argparse.Namespace, metadata: dict[str, Any] | None) -> DataConfig:
+    """The held-out data: the adapter's own training data and split, with any flag given overriding it."""
+    recorded = dict((metadata or {}).get("training", {}).get("data", {}))
+    flags = {"source": args.source, "image_column": args.image_column, "caption_column": args.caption_column,
+             "label_column": args.label_column, "val_split": args.val_split, "val_fraction": args.val_fraction,
+             "max_val_images": args.max_images, "split_seed": args.split_seed}
+    config = DataConfig.from_dict({**recorded, **{k: v for k, v in flags.items() if v is not None}})
+    if config.source is None:
+        raise ValueError("give --source: the adapter records no training data to hold images out of")
+    return config
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Retrieval recall of the base and of base + adapter on held-out pairs."""
-    args.adapter = resolve_adapter(args.adapter, args.revision)
-    metadata = read_metadata(args.adapter)
-    config = _base_config(metadata, args.pretrained)
-    data = DataConfig(source=args.source, image_column=args.image_column, caption_column=args.caption_column,
-                      val_fraction=args.val_fraction, max_val_images=args.max_images, split_seed=args.split_seed)
-    _, pairs = load_pairs(data)
-    base = load_base(config)
-    images = EvalImages(pairs, base.preprocess_val)
-    captions, owners = eval_texts(pairs)
-    before = _recall(base.model, images, captions, owners, base.tokenizer, args.batch_size)
-    model = load_adapter(base, args.adapter)
-    tokenize = getattr(getattr(base.model, "peftclip_text_prompt", None), "tokenize", base.tokenizer)
-    after = _recall(model, images, captions, owners, tokenize, args.batch_size)
-    print(f"{len(images)} images, {len(captions)} captions")
-    print("| metric | base | adapted |\n|---|---:|---:|")
-    for key in before:
-        print(f"| {key} | {before[key]:.2f} | {after[key]:.2f} |")
-
-
-def _adapted(args: argparse.Namespace) -> tuple[AdaptedCLIP, str]:
-    """The base an adapter names, with the adapter attached (or the bare base with --base-only)."""
-    if args.adapter is None:
-        if not args.model_name:
-            raise ValueError("give an adapter, or --model-name (and --pretrained) for the bare base")
-        base = load_base(BaseConfig(model_name=args.model_name, pretrained=args.pretrained))
-        return AdaptedCLIP(base), json.dumps(base.info, sort_keys=True)
-    folder = resolve_adapter(args.adapter, args.revision)
-    metadata = read_metadata(folder)
-    clip = AdaptedCLIP(load_base(_base_config(metadata, args.pretrained)))
-    clip.add_adapter("adapter", folder)
-    return clip, metadata["weights_sha256"]
+    """Retrieval recall or classification accuracy of the base, and of base + adapter, on held-out data."""
+    clip, metadata = _load(args)
+    data = _eval_data(args, metadata)
+    training = (metadata or {}).get("training", {})
+    task = args.task or ("classification" if "class_names" in training else "retrieval")
+    columns = {"base": None, **({"adapted": ADAPTER} if metadata else {})}
+    if task == "retrieval":
+        _, pairs = load_pairs(data)
+        images, (captions, owners) = EvalImages(pairs, clip.base.preprocess_val), eval_texts(pairs)
+        print(f"{len(images)} images, {len(captions)} captions")
+        results = {column: retrieval_recall(clip.encode_images(images, adapter, args.batch_size),
+                                            clip.encode_texts(captions, adapter, args.batch_size), owners)
+                   for column, adapter in columns.items()}
+    else:
+        _, test = load_labelled(data)
+        images = EvalImages(test, clip.base.preprocess_val)
+        templates = args.templates or training.get("classify", {}).get("templates") or DEFAULT_TEMPLATES
+        print(f"{len(images)} images, {len(test.class_names)} classes")
+        results = {column: classification_accuracy(clip.classify(images, test.class_names, templates, adapter,
+                                                                 args.batch_size), test.labels, len(test.class_names))
+                   for column, adapter in columns.items()}
+    print("| metric | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for key in results["base"]:
+        print(f"| {key} | " + " | ".join(f"{results[c][key]:.2f}" for c in columns) + " |")
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    """Embed every image of a folder into a safetensors file (rows in file-name order)."""
-    clip, identity = _adapted(args)
-    files, embeddings = image_index(clip.model, clip.base.preprocess_val, args.images, args.out, identity)
-    print(f"{len(files)} images embedded ({embeddings.shape[1]} dims) -> {args.out}")
+    """Embed a folder of images and/or a file of texts (one per line) into one safetensors file."""
+    if not args.images and not args.texts:
+        raise ValueError("give --images FOLDER and/or --texts FILE")
+    clip, _ = _load(args)
+    tensors, metadata = {}, {}
+    if args.images:
+        files = list_images(args.images)
+        tensors["image_embeddings"] = clip.encode_images(files, batch_size=args.batch_size)
+        metadata["image_files"] = json.dumps([p.name for p in files])
+    if args.texts:
+        try:
+            texts = [line.strip() for line in Path(args.texts).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise OSError(f"cannot read texts file {args.texts}: {e.strerror}") from e
+        if not texts:
+            raise ValueError(f"{args.texts}: no texts (one per line)")
+        tensors["text_embeddings"] = clip.encode_texts(texts, batch_size=args.batch_size)
+        metadata["texts"] = json.dumps(texts)
+    write_safetensors_atomic(tensors, args.out, metadata=metadata)
+    print(", ".join(f"{len(v)} {k.removesuffix('_embeddings')}" for k, v in tensors.items())
+          + f" embedded ({next(iter(tensors.values())).shape[1]} dims) -> {args.out}")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    """Text-to-image search over a folder, with an index kept beside it and reused while unchanged."""
-    clip, identity = _adapted(args)
-    index = Path(args.index or Path(args.images) / ".peftclip-index.safetensors")
-    files, embeddings = image_index(clip.model, clip.base.preprocess_val, args.images, index, identity)
-    tokenize = getattr(getattr(clip.model.get_base_model() if clip.adapters else clip.model,
-                               "peftclip_text_prompt", None), "tokenize", clip.base.tokenizer)
-    with torch.no_grad():
-        query = clip.model.encode_text(tokenize([args.query]), normalize=True).float()
-    scores = (query @ embeddings.T)[0]
-    for rank, i in enumerate(scores.topk(min(args.top_k, len(files))).indices.tolist(), start=1):
-        print(f"{rank}. {files[i]}  {scores[i]:.4f}")
+    """Text-to-image search over a folder, with an index kept on disk and reused while unchanged."""
+    clip, _ = _load(args)
+    for rank, (path, score) in enumerate(clip.search(args.query, args.images, args.top_k, args.index), start=1):
+        print(f"{rank}. {path}  {score:.4f}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    """Write base + LoRA adapter merged as a plain open_clip checkpoint."""
-    clip, _ = _adapted(args)
-    path = clip.export_merged("adapter", args.out)
+    """Write base + adapter merged as a plain open_clip checkpoint."""
+    clip, _ = _load(args)
+    if args.alpha != 1.0:
+        clip.set_scale(ADAPTER, args.alpha)
+    path = clip.export_merged(ADAPTER, args.out)
     print(f"merged checkpoint -> {path}; load it with open_clip.create_model_and_transforms("
           f"{clip.base.info['model_name']!r}, pretrained={str(path)!r})")
 
@@ -155,48 +181,63 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
     module.main(rest)
 
 
-def _adapter_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+def _model_arguments(parser: argparse.ArgumentParser, bare_base: bool = True) -> None:
+    """The adapter (or bare base) a command runs, and where."""
     help_text = "adapter folder or Hub repo id (namespace/name)"
-    if optional:
+    if bare_base:
         parser.add_argument("adapter", nargs="?", help=help_text + "; leave out for the bare base")
-        parser.add_argument("--model-name", help="open_clip model, for the bare base")
+        parser.add_argument("--model-name", help="open_clip model of the bare base (e.g. ViT-B-32)")
     else:
         parser.add_argument("adapter", help=help_text)
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of a repo id")
-    parser.add_argument("--pretrained", help="base weights file, when the adapter was trained on one")
+    parser.add_argument("--pretrained", help="base weights: a file the adapter was trained on, or the bare base's "
+                                             "pretrained tag or file")
+    parser.add_argument("--device", help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images or texts per batch (default: 64)")
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("--task", choices=TASKS, help="default: classification for adapters trained with "
+                        "class names, else retrieval")
+    parser.add_argument("--source", help="data (any source the recipes accept); default: the adapter's own")
+    parser.add_argument("--image-column", help="column of image paths (default: the adapter's, or file_name)")
+    parser.add_argument("--caption-column", help="column of captions, for retrieval (default: caption)")
+    parser.add_argument("--label-column", help="column of labels, for classification (default: label)")
+    parser.add_argument("--val-split", help="split to evaluate on (e.g. test); otherwise a held-out share")
+    parser.add_argument("--val-fraction", type=float, help="held-out share of images (default: as in training)")
+    parser.add_argument("--split-seed", type=int, help="seed of the held-out split (default: as in training)")
+    parser.add_argument("--max-images", type=int, help="evaluate on at most this many held-out images")
+    parser.add_argument("--templates", nargs="+", help="zero-shot prompt templates with {} for the class name")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftclip", description=__doc__)
+    """The `peftclip` argument parser with one subcommand per task."""
+    parser = argparse.ArgumentParser(prog="peftclip", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a recipe; flags after the recipe go to it (see RECIPE --help)")
     train.add_argument("recipe", help="recipe file, or a name in ./recipes (e.g. lora_retrieval, classify)")
     info = sub.add_parser("info", help="show an adapter's base, strategy, size and metrics")
     info.add_argument("adapter", help="adapter folder or Hub repo id (namespace/name)")
     info.add_argument("--revision", help="Hub revision of a repo id")
-    evaluate = sub.add_parser("eval", help="retrieval recall of the base and base + adapter")
-    _adapter_arguments(evaluate)
-    evaluate.add_argument("--source", required=True, help="image–caption data (any source the recipes accept)")
-    evaluate.add_argument("--image-column", default="file_name", help="column of image paths (default: file_name)")
-    evaluate.add_argument("--caption-column", default="caption", help="column of captions (default: caption)")
-    evaluate.add_argument("--val-fraction", type=float, default=0.1,
-                          help="held-out share of images, as in training (default: 0.1)")
-    evaluate.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (default: 0)")
-    evaluate.add_argument("--max-images", type=int, help="evaluate on at most this many held-out images")
-    evaluate.add_argument("--batch-size", type=int, default=128, help="embedding batch size (default: 128)")
-    embed = sub.add_parser("embed", help="embed a folder of images into a safetensors file")
-    _adapter_arguments(embed, optional=True)
-    embed.add_argument("--images", required=True, help="folder of images")
-    embed.add_argument("--out", required=True, help="output .safetensors file (embeddings in file-name order)")
+    _eval_arguments(sub.add_parser("eval", help="retrieval or classification metrics of the base and base + adapter"))
+    embed = sub.add_parser("embed", help="embed a folder of images and/or a file of texts into a safetensors file")
+    _model_arguments(embed)
+    embed.add_argument("--images", help="folder of images (rows in file-name order)")
+    embed.add_argument("--texts", help="text file, one text per line")
+    embed.add_argument("--out", required=True, help="output .safetensors file")
     search = sub.add_parser("search", help="text-to-image search over a folder of images")
-    _adapter_arguments(search, optional=True)
+    _model_arguments(search)
     search.add_argument("--images", required=True, help="folder of images")
     search.add_argument("--query", required=True, help="the text to search for")
     search.add_argument("--top-k", type=int, default=5, help="how many images to list (default: 5)")
-    search.add_argument("--index", help="index file (default: .peftclip-index.safetensors in the image folder)")
-    merge = sub.add_parser("merge", help="write base + LoRA adapter as a plain open_clip checkpoint")
-    _adapter_arguments(merge)
+    search.add_argument("--index", help="index file (default: under $PEFTCLIP_CACHE/search)")
+    merge = sub.add_parser("merge", help="write base + adapter as a plain open_clip checkpoint")
+    _model_arguments(merge, bare_base=False)
     merge.add_argument("--out", required=True, help="output .safetensors checkpoint")
+    merge.add_argument("--alpha", type=float, default=1.0,
+                       help="WiSE-FT interpolation: 0 is the base, 1 the adapter (default: 1)")
     push = sub.add_parser("push", help="upload an adapter folder to the Hugging Face Hub with a model card")
     push.add_argument("adapter", help="adapter folder")
     push.add_argument("repo_id", help="Hub repo id, namespace/name")
@@ -205,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", help="commit message")
     push.add_argument("--license", default="apache-2.0", help="license for the model card (default: apache-2.0)")
     return parser
+
+
+COMMANDS = {"info": cmd_info, "eval": cmd_eval, "embed": cmd_embed, "search": cmd_search, "merge": cmd_merge,
+            "push": cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             cmd_train(args, rest)
         else:
-            commands = {"info": cmd_info, "eval": cmd_eval, "embed": cmd_embed, "search": cmd_search,
-                        "merge": cmd_merge, "push": cmd_push}
-            commands[args.command](args)
+            COMMANDS[args.command](args)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

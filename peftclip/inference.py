@@ -1,125 +1,464 @@
-"""One frozen base, many LoRA adapters: switch per call, disable, merge, interpolate, export."""
+"""One frozen base, many adapters of any strategy: switch per call, disable, merge, interpolate, export.
+
+`AdaptedCLIP` loads a base once and attaches adapters by name. LoRA weights live side by
+side in PEFT's multi-adapter layers; unfrozen base parameters (projections, last blocks,
+logit scale, a full fine-tune) are separate tensors put in place of the base's when their
+adapter is active; prompts and heads are modules the model holds only while active.
+Switching therefore moves references, never weights.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+import peft
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
-from safetensors.torch import save_file
+from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
-from .adapters.attention import SplitMultiheadAttention
-from .io import AdapterError, _check_base, load_adapter, read_metadata
+from .adapters.attention import SplitMultiheadAttention, convert_attention
+from .adapters.heads import CLASSIFIER_NAME, DEFAULT_TEMPLATES, classifier, create_head
+from .adapters.lora import to_peft_config
+from .adapters.partial import select_parameters
+from .adapters.prompts import (
+    TEXT_PROMPT_NAME,
+    VISUAL_PROMPT_NAME,
+    create_text_prompt,
+    create_visual_prompt,
+    set_text_prompt,
+    set_visual_prompt,
+)
+from .data import decode_image
+from .hub import resolve_adapter
+from .io import AdapterError, SavedAdapter, read_adapter
 from .models import BaseModel
+from .index import default_index_path, image_index
+from .utils import write_safetensors_atomic
 
-__all__ = ["AdaptedCLIP", "embed_images", "export_open_clip_state_dict", "image_index"]
+__all__ = ["ACTIVE", "AdaptedCLIP", "export_open_clip_state_dict"]
+
+ACTIVE = "<active>"  # `adapter=` default of the encode/classify/search calls: whichever adapter is active
+ImageInput = torch.Tensor | Sequence[torch.Tensor | Image.Image | str | os.PathLike]
+
+_MODULE_SETTERS: dict[str, Callable[[nn.Module, nn.Module | None], None]] = {
+    TEXT_PROMPT_NAME: set_text_prompt,
+    VISUAL_PROMPT_NAME: set_visual_prompt,
+    CLASSIFIER_NAME: lambda model, head: model.register_module(CLASSIFIER_NAME, head),
+}
+
+
+def _canonical(name: str) -> str:
+    """A parameter name as in the plain open_clip model, whatever PEFT wrapped around it."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+@dataclass
+class _Attached:
+    """One attached adapter: what it puts in place of the base while it is active."""
+
+    saved: SavedAdapter
+    tokenize: Callable[[list[str]], torch.Tensor]
+    peft_name: str | None = None  # its name inside PEFT, which limits names (no dots, no 'lora')
+    trained: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> trained value
+    params: dict[str, nn.Parameter] = field(default_factory=dict)  # installed while active (scaled)
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # prompt / head attribute -> module
+    scale: float = 1.0
+
+    def unmergeable(self) -> list[str]:
+        """Its methods that have no counterpart in the base's weights (so no interpolation or export)."""
+        methods = [m for m, attr in (("text_prompt", TEXT_PROMPT_NAME), ("visual_prompt", VISUAL_PROMPT_NAME),
+                                     ("head", CLASSIFIER_NAME)) if attr in self.modules]
+        partial = self.saved.spec.partial
+        return methods + (["new_proj_dim"] if partial is not None and partial.new_proj_dim else [])
 
 
 class AdaptedCLIP:
-    """A base loaded once with any number of named LoRA adapters.
+    """A base loaded once with any number of named adapters of any strategy.
+
+    The base model is modified in place (its attention is split into q/k/v/out layers,
+    which computes the same function). Adapters load from folders or Hub repo ids.
+
+    Args:
+        base: the frozen base every adapter was trained on.
 
     >>> clip = AdaptedCLIP(load_base())  # doctest: +SKIP
     >>> clip.add_adapter("shapes", "outputs/lora_retrieval")  # doctest: +SKIP
-    >>> with clip.using("shapes"):  # doctest: +SKIP
-    ...     features = clip.model.encode_image(images)
+    >>> features = clip.encode_images(images, adapter="shapes")  # doctest: +SKIP
+    >>> base_features = clip.encode_images(images, adapter=None)  # doctest: +SKIP
     """
 
     def __init__(self, base: BaseModel) -> None:
         self.base = base
-        self.model: nn.Module = base.model
-        self.adapters: list[str] = []
+        self.model: nn.Module = base.model  # becomes a peft.PeftModel once a LoRA adapter is attached
+        self.active_adapter: str | None = None
         self.merged: str | None = None
+        self._inner = base.model
+        self._attached: dict[str, _Attached] = {}
+        self._slots: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}  # name -> (owner, attr, base value)
+        self._lora_count = 0
+        convert_attention(self._inner)
+        self._inner.requires_grad_(False).eval()
 
-    def add_adapter(self, name: str, adapter_dir: str | os.PathLike) -> None:
-        """Attach the LoRA adapter in `adapter_dir` under `name` (checked like `load_adapter`)."""
-        if name in self.adapters:
-            raise ValueError(f"an adapter named {name!r} is already attached")
-        metadata = read_metadata(adapter_dir)
-        if set(metadata["strategy"]) != {"lora"}:
-            raise AdapterError(f"{adapter_dir}: only LoRA adapters can share one base at run time "
-                               f"(this one has {sorted(metadata['strategy'])}); load it with load_adapter")
-        if not self.adapters:
-            self.model = load_adapter(self.base, adapter_dir, adapter_name=name)
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the attached adapters, in the order they were added."""
+        return list(self._attached)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._inner.parameters()).device
+
+    # -- attaching ---------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, source: str | os.PathLike, revision: str | None = None) -> None:
+        """Attach the adapter in folder or Hub repo `source` under `name`, and make it active.
+
+        Raises `AdapterError` when it is unreadable, altered, or for another base.
+        """
+        if not name or name == ACTIVE or name in self._attached:
+            raise ValueError(f"adapter name {name!r} is empty, reserved or attached already")
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged!r} is merged; unmerge() before attaching another")
+        saved = read_adapter(resolve_adapter(str(source), revision), self.base.info)
+        previous = self.active_adapter
+        self._activate(None)  # new slots must see the base's own values
+        try:
+            record = self._build(saved)
+        except (RuntimeError, ValueError, KeyError) as e:
+            self._activate(previous, force=True)
+            if isinstance(e, AdapterError):
+                raise
+            raise AdapterError(f"{saved.folder}: cannot attach to {self.base.info.get('model_name')}: {e}") from e
+        self._attached[name] = record
+        self._activate(name, force=True)
+
+    def _build(self, saved: SavedAdapter) -> _Attached:
+        """Everything the adapter puts in place of the base, loaded from its tensors and checked."""
+        record = _Attached(saved, self.base.tokenizer)
+        if saved.spec.lora is not None:
+            record.peft_name = self._add_lora(saved)
+        try:
+            self._build_other(record)
+        except BaseException:
+            if record.peft_name:
+                self.model.delete_adapter(record.peft_name)
+            raise
+        return record
+
+    def _build_other(self, record: _Attached) -> None:
+        spec, inner = record.saved.spec, self._inner
+        if spec.text_prompt is not None:
+            prompt = create_text_prompt(inner, spec.text_prompt, self.base.tokenizer)
+            record.modules[TEXT_PROMPT_NAME], record.tokenize = prompt, prompt.tokenize
+        if spec.visual_prompt is not None:
+            record.modules[VISUAL_PROMPT_NAME] = create_visual_prompt(inner, spec.visual_prompt)
+        if spec.head is not None:
+            zeros = torch.zeros(spec.head.n_classes, inner.visual.output_dim)
+            record.modules[CLASSIFIER_NAME] = create_head(inner, spec.head, zeros)
+        tensors = record.saved.other_tensors
+        for attr, module in record.modules.items():
+            own = {k.removeprefix(f"{attr}."): tensors.pop(k) for k in list(tensors) if k.startswith(f"{attr}.")}
+            module.load_state_dict(own)  # strict: names and shapes must match
+            module.requires_grad_(False).eval()
+        record.trained = self._base_overrides(record.saved, tensors)
+        record.params = {n: nn.Parameter(t, requires_grad=False) for n, t in record.trained.items()}
+
+    def _add_lora(self, saved: SavedAdapter) -> str:
+        """Add the adapter's LoRA weights to PEFT's layers; returns the name PEFT knows them by."""
+        self._lora_count += 1
+        name = f"adapter{self._lora_count}"
+        config = to_peft_config(self._inner, saved.spec.lora, inference_mode=True)
+        if isinstance(self.model, peft.PeftModel):
+            self.model.add_adapter(name, config)
         else:
-            _check_base(Path(adapter_dir), metadata["base"], self.base.info)
-            self.model.load_adapter(str(adapter_dir), adapter_name=name)
-        self.adapters.append(name)
-        self.set_adapter(name)
+            self.model = peft.get_peft_model(self._inner, config, adapter_name=name)
+        expected = set(peft.get_peft_model_state_dict(self.model, adapter_name=name))
+        if expected != set(saved.lora_tensors):
+            self.model.delete_adapter(name)
+            raise AdapterError(f"{saved.folder}: LoRA tensors do not match its config (missing "
+                               f"{sorted(expected - set(saved.lora_tensors))[:3]}, unexpected "
+                               f"{sorted(set(saved.lora_tensors) - expected)[:3]})")
+        peft.set_peft_model_state_dict(self.model, saved.lora_tensors, adapter_name=name)
+        self.model.requires_grad_(False)
+        return name
 
-    def set_adapter(self, name: str) -> None:
-        """Make `name` the active adapter."""
-        self._require(name)
-        self.model.set_adapter(name)
+    def _base_overrides(self, saved: SavedAdapter, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's values for base parameters, checked against what its strategy unfreezes."""
+        partial = saved.spec.partial
+        names = {_canonical(n) for n in select_parameters(self._inner, partial)} if partial else set()
+        given = {_canonical(n): t for n, t in tensors.items()}
+        if set(given) != names:
+            raise AdapterError(f"{saved.folder}: tensors do not match the strategy (missing "
+                               f"{sorted(names - set(given))[:3]}, unexpected {sorted(set(given) - names)[:3]})")
+        overrides = {}
+        for canon, tensor in given.items():
+            _, _, base_value = self._slot(canon)
+            resized = partial.new_proj_dim is not None and tensor.shape[:1] == base_value.shape[:1]
+            if tensor.shape != base_value.shape and not resized:
+                raise AdapterError(f"{saved.folder}: {canon} has shape {tuple(tensor.shape)}, "
+                                   f"the base expects {tuple(base_value.shape)}")
+            overrides[canon] = tensor.to(device=base_value.device, dtype=base_value.dtype)
+        return overrides
 
-    def _require(self, name: str) -> None:
-        if name not in self.adapters:
+    def _slot(self, canon: str) -> tuple[nn.Module, str, nn.Parameter]:
+        """(owning module, attribute, base value) of a base parameter, looking through PEFT's wrappers."""
+        if canon not in self._slots:
+            owner_path, _, attr = canon.rpartition(".")
+            owner = self._inner
+            for part in owner_path.split(".") if owner_path else []:
+                owner = getattr(owner, part)
+                owner = owner.get_base_layer() if isinstance(owner, LoraLayer) else owner
+            self._slots[canon] = (owner, attr, owner._parameters[attr])
+        return self._slots[canon]
+
+    def delete_adapter(self, name: str) -> None:
+        """Detach adapter `name` and free its tensors."""
+        record = self._require(name)
+        if self.merged == name:
+            raise ValueError(f"adapter {name!r} is merged; unmerge() first")
+        if self.active_adapter == name:
+            self._activate(None)
+        if record.peft_name:
+            self.model.delete_adapter(record.peft_name)
+        del self._attached[name]
+
+    # -- choosing ----------------------------------------------------------------------------
+
+    def _require(self, name: str) -> _Attached:
+        if name not in self._attached:
             raise ValueError(f"no adapter named {name!r}; attached: {self.adapters or 'none'}")
+        return self._attached[name]
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make adapter `name` active, or none of them (the bare base) with None."""
+        if name is not None:
+            self._require(name)
+        self._activate(name)
+
+    def _activate(self, name: str | None, force: bool = False) -> None:
+        if name == self.active_adapter and not force:
+            return
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged!r} is merged; unmerge() before switching")
+        record = self._attached.get(name) if name is not None else None
+        for canon, (owner, attr, base_value) in self._slots.items():
+            setattr(owner, attr, record.params.get(canon, base_value) if record else base_value)
+        used = {attr for other in self._attached.values() for attr in other.modules}
+        for attr in used:
+            _MODULE_SETTERS[attr](self._inner, record.modules.get(attr) if record else None)
+        if isinstance(self.model, peft.PeftModel):
+            if record is not None and record.peft_name:
+                self.model.base_model.enable_adapter_layers()
+                self.model.set_adapter(record.peft_name, inference_mode=True)
+            else:
+                self.model.base_model.disable_adapter_layers()
+        self.active_adapter = name
 
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator[nn.Module]:
-        """Run a block with adapter `name` active, or with every adapter off when `name` is None."""
-        if name is None:
-            if not self.adapters:
-                yield self.model
-                return
-            with self.model.disable_adapter():
-                yield self.model
-            return
-        previous = self.model.active_adapter
+        """Run a block with adapter `name` active (None: the bare base), then restore the previous one."""
+        previous = self.active_adapter
         self.set_adapter(name)
         try:
             yield self.model
         finally:
-            self.model.set_adapter(previous)
+            self._activate(previous)
+
+    def tokenizer(self, name: str | None = ACTIVE) -> Callable[[list[str]], torch.Tensor]:
+        """The tokenizer texts need under adapter `name` (text prompts add their placeholders)."""
+        name = self.active_adapter if name == ACTIVE else name
+        return self._require(name).tokenize if name is not None else self.base.tokenizer
+
+    # -- merging and interpolating -------------------------------------------------------------
 
     def set_scale(self, name: str, alpha: float) -> None:
-        """Interpolate adapter `name` between the base (alpha=0) and itself (alpha=1), WiSE-FT style."""
-        self._require(name)
+        """Interpolate adapter `name` between the base (alpha=0) and itself (alpha=1), WiSE-FT style.
+
+        LoRA updates are scaled by `alpha`; unfrozen parameters become base + alpha·(trained − base).
+        """
+        record = self._require(name)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha}: must be in [0, 1]")
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged!r} is merged; unmerge() before changing a scale")
+        if record.unmergeable():
+            raise ValueError(f"adapter {name!r} cannot be interpolated: its {', '.join(record.unmergeable())} "
+                             f"have no counterpart in the base")
         for module in self.model.modules():
             if isinstance(module, LoraLayer):
-                module.set_scale(name, alpha)
+                module.set_scale(record.peft_name, alpha)
+        for canon, trained in record.trained.items():
+            base_value = self._slots[canon][2].detach()
+            record.params[canon] = nn.Parameter(torch.lerp(base_value, trained, alpha), requires_grad=False)
+        record.scale = alpha
+        if self.active_adapter == name:
+            self._activate(name, force=True)
 
-    def merge(self, name: str) -> None:
-        """Fold adapter `name` into the base weights for zero-overhead inference."""
-        self._require(name)
+    def merge(self, name: str | None = None) -> None:
+        """Activate adapter `name` (default: the active one) and fold its LoRA weights into the base's.
+
+        Other strategies' tensors are in place whenever their adapter is active, so merging
+        them costs nothing.
+        """
+        name = name or self.active_adapter
+        record = self._require(name) if name else None
+        if record is None:
+            raise ValueError("no adapter is active; name the one to merge")
         if self.merged is not None:
-            raise ValueError(f"adapter {self.merged!r} is merged already; unmerge it first")
-        self.model.base_model.merge_adapter([name])
+            raise ValueError(f"adapter {self.merged!r} is merged already; unmerge() it first")
+        self._activate(name)
+        if record.peft_name:
+            self.model.base_model.merge_adapter([record.peft_name])
         self.merged = name
 
     def unmerge(self) -> None:
-        """Take a merged adapter back out of the base weights."""
+        """Take the merged adapter's LoRA weights back out of the base's; it stays active."""
         if self.merged is None:
             raise ValueError("no adapter is merged")
-        self.model.base_model.unmerge_adapter()
+        if self._attached[self.merged].peft_name:
+            self.model.base_model.unmerge_adapter()
         self.merged = None
 
     def export_merged(self, name: str, path: str | os.PathLike) -> Path:
-        """Write base + adapter `name` as a plain open_clip checkpoint (`.safetensors`).
+        """Write base + adapter `name` (at its current scale) as a plain open_clip `.safetensors` checkpoint.
 
         It loads with `open_clip.create_model_and_transforms(model_name, pretrained=path)` and
-        needs nothing from peftclip.
+        needs nothing from peftclip. Prompts, heads and resized projections have no place in
+        such a checkpoint and are refused.
         """
-        self._require(name)
-        self.merge(name)
+        record = self._require(name)
+        if record.unmergeable():
+            raise ValueError(f"adapter {name!r} cannot be exported as a plain open_clip checkpoint: its "
+                             f"{', '.join(record.unmergeable())} have no place in one")
+        previous, was_merged = self.active_adapter, self.merged == name
+        if not was_merged:
+            self.merge(name)
         try:
-            state = export_open_clip_state_dict(self.model.get_base_model())
+            state = export_open_clip_state_dict(self._inner)
         finally:
-            self.unmerge()
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(state, tmp)
-        os.replace(tmp, path)
-        return path
+            if not was_merged:
+                self.unmerge()
+                self._activate(previous)
+        return write_safetensors_atomic(state, path)
+
+    # -- using ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: ImageInput, adapter: str | None = ACTIVE, batch_size: int = 64,
+                      normalize: bool = True) -> torch.Tensor:
+        """(N, D) float32 CPU embeddings of images: a preprocessed (N, 3, H, W) tensor, or a sequence of
+        PIL images, image paths or preprocessed (3, H, W) tensors, in batches."""
+        with self._using(adapter):
+            return _batched(images, batch_size, "images",
+                            lambda chunk: self.model.encode_image(self._image_batch(chunk), normalize=normalize))
+
+    def _image_batch(self, chunk: ImageInput) -> torch.Tensor:
+        if isinstance(chunk, torch.Tensor):
+            return chunk.to(self.device)
+        tensors = [item if isinstance(item, torch.Tensor) else
+                   self.base.preprocess_val(item if isinstance(item, Image.Image) else decode_image(str(item)))
+                   for item in chunk]
+        return torch.stack(tensors).to(self.device)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], adapter: str | None = ACTIVE, batch_size: int = 256,
+                     normalize: bool = True) -> torch.Tensor:
+        """(N, D) float32 CPU embeddings of `texts`, tokenized as the adapter needs, in batches."""
+        with self._using(adapter):
+            tokenize = self.tokenizer(self.active_adapter)
+            return _batched(list(texts), batch_size, "texts",
+                            lambda chunk: self.model.encode_text(tokenize(chunk).to(self.device),
+                                                                 normalize=normalize))
+
+    @torch.no_grad()
+    def classify(self, images: ImageInput, class_names: Sequence[str] | None = None,
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, adapter: str | None = ACTIVE,
+                 batch_size: int = 64) -> torch.Tensor:
+        """(N, n_classes) class probabilities of images.
+
+        Zero-shot against `class_names` filled into `templates`, through the adapter's text
+        tower; an adapter with a classification head uses its head instead when `class_names`
+        is None or names the classes it was trained on.
+        """
+        with self._using(adapter):
+            name = self.active_adapter
+            record = self._attached.get(name) if name is not None else None
+            trained = (record.saved.metadata.get("training", {}).get("class_names") if record else None)
+            if (record is not None and CLASSIFIER_NAME in record.modules
+                    and (class_names is None or list(class_names) == trained)):
+                head = classifier(self.model)
+                logits = _batched(images, batch_size, "images", lambda chunk: head(self._image_batch(chunk)))
+                return logits.softmax(dim=-1)
+            if not class_names:
+                raise ValueError("give class_names (this adapter has no classification head)")
+            return self._zero_shot(images, list(class_names), list(templates), batch_size).softmax(dim=-1)
+
+    def _zero_shot(self, images: ImageInput, class_names: list[str], templates: list[str],
+                   batch_size: int) -> torch.Tensor:
+        texts = [template.format(c) for c in class_names for template in templates]  # class-major
+        prompt = getattr(self._inner, TEXT_PROMPT_NAME, None)
+        # Class-specific context vectors need every class's texts in one batch, in class order.
+        text_batch = len(texts) if prompt is not None and prompt.config.class_specific else 256
+        weights = self.encode_texts(texts, batch_size=text_batch)
+        weights = F.normalize(weights.view(len(class_names), len(templates), -1).mean(1), dim=-1)
+        features = self.encode_images(images, batch_size=batch_size)
+        return self._inner.logit_scale.exp().float().cpu() * features @ weights.T
+
+    def search(self, query: str, folder: str | os.PathLike, top_k: int = 5,
+               index_path: str | os.PathLike | None = None, adapter: str | None = ACTIVE) -> list[tuple[Path, float]]:
+        """The `top_k` images of `folder` closest to `query`, best first, with cosine similarities.
+
+        Image embeddings are kept in a safetensors index (default: under `cache_root()/search`)
+        and reused while the folder's files and the model are unchanged.
+        """
+        with self._using(adapter):
+            folder = Path(folder)
+            index_path = Path(index_path) if index_path else default_index_path(folder)
+            files, embeddings = image_index(folder, index_path, self._identity(),
+                                            self.encode_images)
+            query_embedding = self.encode_texts([query])
+        scores = (query_embedding @ embeddings.T)[0]
+        top = scores.topk(min(top_k, len(files)))
+        return [(files[i], float(scores[i])) for i in top.indices.tolist()]
+
+    def _identity(self) -> str:
+        """Names the active model: the base, and the adapter's weights checksum and scale."""
+        record = self._attached.get(self.active_adapter) if self.active_adapter else None
+        adapter = [record.saved.metadata["weights_sha256"], record.scale] if record else None
+        return json.dumps({"base": self.base.info, "adapter": adapter}, sort_keys=True)
+
+    @contextlib.contextmanager
+    def _using(self, adapter: str | None) -> Iterator[None]:
+        if adapter == ACTIVE:
+            yield
+        else:
+            with self.using(adapter):
+                yield
+
+
+def _batched(items: ImageInput | list[str], batch_size: int, what: str,
+             encode: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """`encode` over `items` in chunks of `batch_size`, concatenated as float32 on the CPU."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+    n = len(items)
+    sliceable = isinstance(items, (torch.Tensor, list, tuple))
+    chunks = []
+    for start in tqdm(range(0, n, batch_size), desc=f"embedding {what}", disable=n <= batch_size, leave=False):
+        stop = min(start + batch_size, n)
+        chunk = items[start:stop] if sliceable else [items[i] for i in range(start, stop)]  # e.g. a Dataset
+        chunks.append(encode(chunk).float().cpu())
+    if not chunks:
+        raise ValueError(f"no {what} to embed")
+    return torch.cat(chunks)
 
 
 def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -145,54 +484,3 @@ def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[key.replace(".base_layer.", ".")] = tensor
     # Copies, not views: the caller may unmerge the live weights before writing these out.
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-
-
-def _folder_signature(files: list[Path]) -> str:
-    """Changes when any image is added, removed, resized or touched."""
-    digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-@torch.no_grad()
-def embed_images(model: nn.Module, transform: Callable, paths: list[Path], batch_size: int = 64) -> torch.Tensor:
-    """Normalised image embeddings of `paths`, in batches, with a progress bar for long lists."""
-    from tqdm.auto import tqdm
-
-    from .data import decode_image
-    model.eval()
-    device = next(model.parameters()).device
-    chunks = []
-    for start in tqdm(range(0, len(paths), batch_size), desc="embedding", disable=len(paths) <= batch_size,
-                      leave=False):
-        batch = torch.stack([transform(decode_image(str(p))) for p in paths[start:start + batch_size]])
-        chunks.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0)
-
-
-def image_index(model: nn.Module, transform: Callable, folder: str | os.PathLike, index_path: str | os.PathLike,
-                identity: str) -> tuple[list[Path], torch.Tensor]:
-    """Embeddings of every image in `folder`, kept in `index_path` and reused while nothing changed.
-
-    `identity` names the model (base and adapter checksum); a different one rebuilds the index.
-    """
-    folder, index_path = Path(folder), Path(index_path)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    signature = hashlib.sha256(f"{_folder_signature(files)}\0{identity}".encode()).hexdigest()
-    if index_path.is_file():
-        with safe_open(str(index_path), "pt") as f:
-            if f.metadata().get("signature") == signature:
-                return files, f.get_tensor("embeddings")
-    embeddings = embed_images(model, transform, files)
-    tmp = index_path.with_name(f".{index_path.name}.tmp-{os.getpid()}")
-    save_file({"embeddings": embeddings.contiguous()}, tmp,
-              metadata={"signature": signature, "files": json.dumps([p.name for p in files])})
-    os.replace(tmp, index_path)
-    return files, embeddings

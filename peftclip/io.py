@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import peft
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapters.strategy import AdapterSpec, apply_strategy, inner_model
@@ -26,8 +29,12 @@ __all__ = [
     "METADATA_NAME",
     "METRICS_NAME",
     "SAFETENSORS_WEIGHTS_NAME",
+    "SAVE_DTYPES",
+    "SavedAdapter",
     "adapter_tensors",
+    "check_base",
     "load_adapter",
+    "read_adapter",
     "read_metadata",
     "save_adapter",
     "save_metrics",
@@ -38,6 +45,8 @@ SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name
 METADATA_NAME = "peftclip_config.json"
 METRICS_NAME = "metrics.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Floating-point dtypes an adapter may be written in; tensors are cast back to the model's on load.
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class AdapterError(ValueError):
@@ -57,7 +66,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
 
 def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dict[str, Any],
                  strategy: dict[str, Any], training: dict[str, Any] | None = None,
-                 adapter_name: str = "default") -> Path:
+                 adapter_name: str = "default", save_dtype: str = "fp32") -> Path:
     """Write `model`'s trainable adapter as a folder that `load_adapter` reads back.
 
     The folder holds `adapter_model.safetensors` (every adapter tensor, LoRA keys as PEFT
@@ -73,13 +82,17 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
         strategy: `AdapterSpec.to_dict()` of the applied methods.
         training: the training config, recorded for reproducibility.
         adapter_name: which PEFT adapter to save.
+        save_dtype: one of SAVE_DTYPES; "bf16" or "fp16" halve the file (floating-point tensors only).
     """
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype={save_dtype!r}; choose from {sorted(SAVE_DTYPES)}")
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     os.chmod(tmp, default_mode(directory=True))  # mkdtemp creates 0700
     try:
-        state = adapter_tensors(model, adapter_name)
+        state = {k: v.to(SAVE_DTYPES[save_dtype]) if v.is_floating_point() else v
+                 for k, v in adapter_tensors(model, adapter_name).items()}
         save_file(state, tmp / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
         os.chmod(tmp / SAFETENSORS_WEIGHTS_NAME, default_mode())  # safetensors writes 0600
         if isinstance(model, peft.PeftModel):
@@ -92,6 +105,7 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
             "strategy": strategy,
             "training": training or {},
             "trainable_parameters": sum(v.numel() for v in state.values()),
+            "save_dtype": save_dtype,
             "weights_sha256": file_sha256(tmp / SAFETENSORS_WEIGHTS_NAME),
         }
         write_json_atomic(tmp / METADATA_NAME, metadata)
@@ -142,9 +156,8 @@ def save_metrics(output_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path
     return path
 
 
-def read_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check an adapter folder's metadata; refuses pickles and altered weights."""
-    adapter_dir = Path(adapter_dir)
+def _check_folder(adapter_dir: Path) -> dict[str, Any]:
+    """The metadata of an adapter folder whose files are all present and safe to read (checksum aside)."""
     if adapter_dir.is_file() or adapter_dir.suffix in _PICKLE_SUFFIXES:
         if adapter_dir.suffix in _PICKLE_SUFFIXES:
             raise AdapterError(f"{adapter_dir}: pickle files are never loaded as adapters; "
@@ -152,8 +165,7 @@ def read_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         raise AdapterError(f"{adapter_dir}: an adapter is a folder, not a file")
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter folder not found: {adapter_dir}")
-    weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
-    if not weights.is_file():
+    if not (adapter_dir / SAFETENSORS_WEIGHTS_NAME).is_file():
         pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
         raise AdapterError(f"{adapter_dir}: no {SAFETENSORS_WEIGHTS_NAME}{hint}")
@@ -165,14 +177,65 @@ def read_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         raise AdapterError(f"{adapter_dir / METADATA_NAME}: not valid JSON ({e})") from e
     if "lora" in metadata.get("strategy", {}) and not (adapter_dir / ADAPTER_CONFIG_NAME).is_file():
         raise AdapterError(f"{adapter_dir}: missing {ADAPTER_CONFIG_NAME}")
-    actual = file_sha256(weights)
-    if actual != metadata.get("weights_sha256"):
-        raise AdapterError(f"{weights}: checksum mismatch (file is truncated or altered); "
-                           f"expected {metadata.get('weights_sha256')}, got {actual}")
     return metadata
 
 
-def _check_base(adapter_dir: Path, expected: dict[str, Any], actual: dict[str, Any]) -> None:
+def _check_checksum(weights: Path, metadata: dict[str, Any], actual: str) -> None:
+    if actual != metadata.get("weights_sha256"):
+        raise AdapterError(f"{weights}: checksum mismatch (file is truncated or altered); "
+                           f"expected {metadata.get('weights_sha256')}, got {actual}")
+
+
+def read_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an adapter folder's metadata; refuses pickles and altered weights."""
+    adapter_dir = Path(adapter_dir)
+    metadata = _check_folder(adapter_dir)
+    weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
+    _check_checksum(weights, metadata, file_sha256(weights))
+    return metadata
+
+
+@dataclass
+class SavedAdapter:
+    """An adapter folder's checked contents: metadata, the strategy it applies, and its tensors."""
+
+    folder: Path
+    metadata: dict[str, Any]
+    spec: AdapterSpec
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT's LoRA weights, keyed as `peft.get_peft_model_state_dict` names them."""
+        return {k: v for k, v in self.tensors.items() if "lora_" in k}
+
+    @property
+    def other_tensors(self) -> dict[str, torch.Tensor]:
+        """Unfrozen base parameters and added modules (prompts, head), by parameter name."""
+        return {k: v for k, v in self.tensors.items() if "lora_" not in k}
+
+
+def read_adapter(adapter_dir: str | os.PathLike, base_info: dict[str, Any] | None = None) -> SavedAdapter:
+    """Read an adapter folder: the weights are read once, checked against their checksum, then parsed.
+
+    With `base_info`, also checks that the adapter was trained on that base.
+    """
+    adapter_dir = Path(adapter_dir)
+    metadata = _check_folder(adapter_dir)
+    weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
+    data = weights.read_bytes()
+    _check_checksum(weights, metadata, hashlib.sha256(data).hexdigest())
+    if base_info is not None:
+        check_base(adapter_dir, metadata["base"], base_info)
+    try:
+        spec = AdapterSpec.from_dict(metadata["strategy"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise AdapterError(f"{adapter_dir / METADATA_NAME}: bad strategy ({e})") from e
+    return SavedAdapter(adapter_dir, metadata, spec, load_safetensors(data))
+
+
+def check_base(adapter_dir: Path, expected: dict[str, Any], actual: dict[str, Any]) -> None:
+    """Refuse an adapter trained on another base, naming both."""
     if expected != actual:
         raise AdapterError(f"{adapter_dir} was trained on base {_describe(expected)}, "
                            f"but the loaded base is {_describe(actual)}")
@@ -188,26 +251,22 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
 
     The same call loads every strategy. Raises `AdapterError` when the folder is incomplete,
     holds pickles, its weights fail the checksum, or it was trained on a different base
-    (both bases are named).
+    (both bases are named). To keep several adapters on one base, use `AdaptedCLIP`.
 
     >>> model = load_adapter(load_base(), "outputs/lora_retrieval")  # doctest: +SKIP
     """
-    adapter_dir = Path(adapter_dir)
-    metadata = read_metadata(adapter_dir)
-    _check_base(adapter_dir, metadata["base"], base.info)
-    spec = AdapterSpec.from_dict(metadata["strategy"])
-    tensors = load_file(adapter_dir / SAFETENSORS_WEIGHTS_NAME)
-    lora_tensors = {k: v for k, v in tensors.items() if "lora_" in k}
+    saved = read_adapter(adapter_dir, base.info)
+    spec = saved.spec
     try:
         head_weights = torch.zeros(spec.head.n_classes, base.model.visual.output_dim) if spec.head else None
         model, _ = apply_strategy(base.model, spec, base.tokenizer, adapter_name, head_weights=head_weights)
         if spec.lora is not None:
-            result = peft.set_peft_model_state_dict(model, lora_tensors, adapter_name=adapter_name)
+            result = peft.set_peft_model_state_dict(model, saved.lora_tensors, adapter_name=adapter_name)
             if result.unexpected_keys:
-                raise AdapterError(f"{adapter_dir}: unexpected LoRA tensors {result.unexpected_keys[:3]}")
-        _load_extra_tensors(adapter_dir, inner_model(model), {k: v for k, v in tensors.items() if k not in lora_tensors})
+                raise AdapterError(f"{saved.folder}: unexpected LoRA tensors {result.unexpected_keys[:3]}")
+        _load_extra_tensors(saved.folder, inner_model(model), saved.other_tensors)
     except (RuntimeError, ValueError, KeyError) as e:
-        raise AdapterError(f"{adapter_dir}: cannot load onto {base.info.get('model_name')}: {e}") from e
+        raise AdapterError(f"{saved.folder}: cannot load onto {base.info.get('model_name')}: {e}") from e
     if not is_trainable:
         model.requires_grad_(False)
         model.eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .utils import default_mode
+from .utils import cache_root, default_mode
 
 __all__ = ["default_data_dir", "make_shapes_dataset"]
 
@@ -27,8 +27,8 @@ PHRASES = ("a {size} {colour} {shape} in the {position}", "a {colour} {shape} at
 
 
 def default_data_dir() -> Path:
-    """Where the built-in task is generated: `$PEFTCLIP_CACHE/<VERSION>` (default `~/.cache/peftclip`)."""
-    return Path(os.environ.get("PEFTCLIP_CACHE", Path.home() / ".cache" / "peftclip")) / VERSION
+    """Where the built-in task is generated: `cache_root()/<VERSION>`."""
+    return cache_root() / VERSION
 
 
 def _draw(colour: str, shape: str, position: str, size: str, image_size: int, rng: random.Random) -> Image.Image:

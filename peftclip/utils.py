@@ -11,7 +11,16 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import torch
+from safetensors.torch import save_file
+
 T = TypeVar("T")
+
+
+def cache_root() -> Path:
+    """Where peftclip keeps generated data, feature caches and search indexes: `$PEFTCLIP_CACHE`
+    (default `~/.cache/peftclip`)."""
+    return Path(os.environ.get("PEFTCLIP_CACHE", Path.home() / ".cache" / "peftclip"))
 
 
 class ConfigMixin:
@@ -100,3 +109,18 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                             metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` to a temporary file beside `path`, then rename it into place; returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

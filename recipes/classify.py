@@ -51,7 +51,7 @@ from peftclip.train import (
     result_fingerprint,
     train,
 )
-from peftclip.utils import ConfigMixin
+from peftclip.utils import ConfigMixin, cache_root
 
 OBJECTIVES = ("ce", "flyp")
 
@@ -133,7 +133,7 @@ def training_function(config: dict, accelerator) -> dict:
                                seed=config["train"].seed)
     train_model = model
     if config["train"].feature_cache and config["classify"].objective == "ce":
-        cache = FeatureCache(default_data_dir().parent / "features")
+        cache = FeatureCache(cache_root() / "features")
         train_model, train_set = cache_image_tower(model, train_set, base.info, augment, cache, accelerator.device)
         if train_model is not model:
             accelerator.print(f"feature cache: {train_model.modes}")

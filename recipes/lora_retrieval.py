@@ -37,6 +37,7 @@ from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
 from peftclip.recipe import recipe_parser, run_recipe
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
+from peftclip.utils import cache_root
 from peftclip.train import (
     TrainConfig,
     evaluate_retrieval,
@@ -89,7 +90,7 @@ def training_function(config: dict, accelerator) -> dict:
     before = evaluate()
     train_model, train_data = model, train_set
     if train_config.feature_cache:
-        cache = FeatureCache(default_data_dir().parent / "features")
+        cache = FeatureCache(cache_root() / "features")
         train_model, train_data = cache_frozen_towers(model, train_set, base.info, config["data"].augment, cache,
                                                       accelerator.device)
         if train_model is not model:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.cli import main
+from peftclip.inference import AdaptedCLIP
 from peftclip.io import SAFETENSORS_WEIGHTS_NAME, save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
 from peftclip.synthetic import make_shapes_dataset
@@ -134,34 +137,48 @@ def tiny_adapter(tmp_path):
     return save_adapter(model, tmp_path / "tiny-adapter", base.info, {"lora": LoraConfig(r=2).to_dict()})
 
 
-def test_embed_writes_one_row_per_image_and_search_reuses_the_index(tiny_adapter, shapes, tmp_path, capsys,
-                                                                     monkeypatch):
-    from safetensors.torch import load_file as load
-    out = tmp_path / "embeddings.safetensors"
-    assert main(["embed", str(tiny_adapter), "--images", str(shapes / "images"), "--out", str(out)]) == 0
-    assert load(out)["embeddings"].shape == (40, 64)
-    assert "40 images embedded" in capsys.readouterr().out
+def test_embed_writes_one_row_per_image_and_text(tiny_adapter, shapes, tmp_path, capsys):
+    out, texts = tmp_path / "embeddings.safetensors", tmp_path / "texts.txt"
+    texts.write_text("a red circle\n\na blue square\n")
+    argv = ["embed", str(tiny_adapter), "--images", str(shapes / "images"), "--texts", str(texts), "--out", str(out)]
+    assert main(argv) == 0
+    assert "40 image, 2 text embedded (64 dims)" in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        images, text_rows = f.get_tensor("image_embeddings"), f.get_tensor("text_embeddings")
+        assert json.loads(f.metadata()["image_files"])[:2] == ["00000.png", "00001.png"]
+        assert json.loads(f.metadata()["texts"]) == ["a red circle", "a blue square"]
+    clip = AdaptedCLIP(load_base())
+    clip.add_adapter("a", tiny_adapter)
+    assert torch.allclose(images[:3], clip.encode_images(sorted((shapes / "images").iterdir())[:3]), atol=1e-5)
+    assert torch.allclose(text_rows, clip.encode_texts(["a red circle", "a blue square"]), atol=1e-5)
+
+
+def test_search_lists_the_top_k_and_reuses_the_index(tiny_adapter, shapes, tmp_path, capsys, monkeypatch):
     index = tmp_path / "index.safetensors"
     argv = ["search", str(tiny_adapter), "--images", str(shapes / "images"), "--query", "a red circle",
             "--top-k", "3", "--index", str(index)]
     assert main(argv) == 0
     first = capsys.readouterr().out.splitlines()
     assert [line.split(".")[0] for line in first] == ["1", "2", "3"] and all(".png" in line for line in first)
-    import peftclip.inference as inference
-    monkeypatch.setattr(inference, "embed_images", lambda *a, **k: pytest.fail("index was not reused"))
+    scores = [float(line.split()[-1]) for line in first]
+    assert scores == sorted(scores, reverse=True) and index.is_file()
+    monkeypatch.setattr(AdaptedCLIP, "encode_images", lambda *a, **k: pytest.fail("index was not reused"))
     assert main(argv) == 0
     assert capsys.readouterr().out.splitlines() == first
 
 
-def test_search_rebuilds_the_index_when_the_folder_changes(tiny_adapter, shapes, tmp_path, capsys):
+def test_search_rebuilds_the_index_when_the_folder_changes(tiny_adapter, shapes, tmp_path, capsys, monkeypatch):
     import shutil
+    monkeypatch.setenv("PEFTCLIP_CACHE", str(tmp_path / "cache"))
     images = tmp_path / "images"
     shutil.copytree(shapes / "images", images)
-    argv = ["search", str(tiny_adapter), "--images", str(images), "--query", "a blue square"]
+    argv = ["search", str(tiny_adapter), "--images", str(images), "--query", "a blue square", "--top-k", "40"]
     assert main(argv) == 0
+    assert "00000.png" in capsys.readouterr().out
     (images / "00000.png").unlink()
     assert main(argv) == 0
-    assert "00000.png" not in capsys.readouterr().out.split("\n\n")[-1]
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 39 and not any("00000.png" in line for line in listed)
 
 
 def test_merge_writes_a_plain_open_clip_checkpoint(tiny_adapter, tmp_path):
@@ -192,3 +209,67 @@ def test_push_calls_the_hub_with_the_card(tiny_adapter, monkeypatch, capsys):
 def test_bare_base_needs_a_model_name(shapes, capsys):
     assert main(["embed", "--images", str(shapes / "images"), "--out", "x.safetensors"]) == 2
     assert "give an adapter, or --model-name" in capsys.readouterr().err
+
+
+def _table(text: str) -> dict[str, list[float]]:
+    """{metric: [value per column]} from the Markdown table `eval` prints."""
+    return {cells[0]: [float(c) for c in cells[1:]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| metric")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+@pytest.mark.parametrize("recipe", ["lora_retrieval", "classify"])
+def test_eval_defaults_to_the_adapters_own_held_out_data_and_reproduces_its_metrics(recipe, shapes, tmp_path,
+                                                                                    capsys):
+    from recipes import classify, lora_retrieval
+    module, source = {"lora_retrieval": (lora_retrieval, shapes), "classify": (classify, shapes / "labels.csv")}[recipe]
+    out = tmp_path / "adapter"
+    metrics = module.main(["--source", str(source), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "8",
+                           "--num-workers", "0", "--cpu"])
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert set(rows) == set(metrics["after"])
+    for key in rows:
+        assert rows[key] == pytest.approx([metrics["before"][key], metrics["after"][key]], abs=0.01), key
+
+
+def test_eval_of_the_bare_base_has_one_column(shapes, capsys):
+    assert main(["eval", "--model-name", "peftclip-tiny", "--source", str(shapes), "--max-images", "3"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("3 images, ") and "| metric | base |\n" in text
+    assert all(len(values) == 1 for values in _table(text).values()) and "text_to_image_R@10" in _table(text)
+
+
+def test_eval_without_data_names_the_flag(tiny_adapter, capsys):
+    assert main(["eval", str(tiny_adapter)]) == 2
+    assert "give --source" in capsys.readouterr().err
+
+
+def test_merge_at_alpha_zero_is_the_base(tiny_adapter, tmp_path):
+    import open_clip
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(tiny_adapter), "--out", str(out), "--alpha", "0"]) == 0
+    plain, _, _ = open_clip.create_model_and_transforms("peftclip-tiny", pretrained=str(out))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval().encode_image(images), load_base().model.encode_image(images), atol=1e-5)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["embed", "--model-name", "peftclip-tiny", "--out", "x.safetensors"], "give --images FOLDER and/or --texts"),
+    (["embed", "--model-name", "peftclip-tiny", "--images", "/nonexistent", "--out", "x.safetensors"],
+     "image folder not found: /nonexistent"),
+    (["search", "--model-name", "peftclip-tiny", "--images", "/nonexistent", "--query", "x"],
+     "image folder not found: /nonexistent"),
+    (["info", "someone/not-cached"], "not in the local Hugging Face cache"),
+])
+def test_bad_input_exits_2_naming_the_value(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,121 +1,306 @@
-"""Many adapters on one base: switching, disabling, merging, interpolating and exporting."""
+"""Many adapters on one base: switching, disabling, merging, interpolating, exporting, and using them."""
 
 from __future__ import annotations
+
+import random
 
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
-from peftclip.adapters.partial import PartialConfig
-from peftclip.adapters.strategy import AdapterSpec, apply_strategy
+import peftclip.inference as inference
+from peftclip.adapters.heads import CLASSIFIER_NAME, HeadConfig, classifier
+from peftclip.adapters.lora import LoraConfig
+from peftclip.adapters.strategy import AdapterSpec, apply_strategy, inner_model
 from peftclip.inference import AdaptedCLIP
-from peftclip.io import AdapterError, save_adapter
+from peftclip.io import SAFETENSORS_WEIGHTS_NAME, AdapterError, load_adapter, save_adapter
 from peftclip.models import BaseConfig, load_base
-from tests.conftest import image_batch, text_batch
+from tests.adapters.test_strategies import TEST_CASES as STRATEGY_CASES
+from tests.conftest import image_batch
 
 TOL = 1e-5
+MERGED_TOL = 1e-4  # (W + s·BA)x rounds differently from Wx + s·B(Ax); outputs are O(1), unnormalised
+TEXTS = ["a red circle", "a blue square", "two green triangles", "a small yellow star"]
+CLASS_NAMES = ["circle", "square", "triangle"]
+SPECS = {name: spec for name, (spec, _) in STRATEGY_CASES.items()}
+SPECS["head"] = AdapterSpec(head=HeadConfig(n_classes=3, init="random"))
+SPECS["lora_and_head"] = AdapterSpec(lora=LoraConfig(r=2, towers=["vision"]), head=HeadConfig(n_classes=3,
+                                                                                               init="random"))
+SPECS["second_lora"] = AdapterSpec(lora=LoraConfig(r=4, towers=["vision"], target_modules=["q", "c_fc"]))
 
 
-def _trained(tmp_path, name, seed, config):
-    """An adapter with random non-zero LoRA weights; returns its folder and its own outputs."""
+def _outputs(model, tokenize):
+    """What an adapted model computes: image and text embeddings, logit scale, and head logits if any."""
+    model.eval()
+    images = image_batch(model, n=3)
+    with torch.no_grad():
+        out = {"image": model.encode_image(images), "text": model.encode_text(tokenize(TEXTS)),
+               "scale": model.logit_scale.detach().clone()}
+        if getattr(inner_model(model), CLASSIFIER_NAME, None) is not None:
+            out["head"] = classifier(model)(images)
+    return out
+
+
+def _save(folder, name, seed):
+    """An adapter of strategy `name` with random non-zero weights; returns its folder and outputs."""
+    spec = SPECS[name]
     torch.manual_seed(seed)
     base = load_base()
-    model = apply_lora(base.model, config, init_lora_weights=False)
-    model.eval()
-    images, texts = image_batch(model), text_batch(base)
+    model, tokenize = apply_strategy(base.model, spec, base.tokenizer, init_lora_weights=False)
     with torch.no_grad():
-        outputs = (model.encode_image(images), model.encode_text(texts))
-    return save_adapter(model, tmp_path / name, base.info, {"lora": config.to_dict()}), outputs
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    outputs = _outputs(model, tokenize)
+    training = {"class_names": CLASS_NAMES} if spec.head else None
+    return save_adapter(model, folder / name, base.info, spec.to_dict(), training=training), outputs
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    return {name: _save(folder, name, seed) for seed, name in enumerate(SPECS)}
+
+
+def _close(got, want, atol=TOL):
+    return got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=atol, rtol=0) for k in want)
+
+
+def _attached(zoo, *names):
+    clip = AdaptedCLIP(load_base())
+    for name in names:
+        clip.add_adapter(name, zoo[name][0])
+    return clip
+
+
+@pytest.fixture(scope="module")
+def base_outputs():
+    base = load_base()
+    return _outputs(base.model, base.tokenizer)
+
+
+def test_every_strategy_on_one_base_reproduces_its_own_outputs_in_any_order(zoo, base_outputs):
+    clip = _attached(zoo, *SPECS)
+    order = [*SPECS, None] * 2
+    random.Random(0).shuffle(order)
+    for name in order:
+        with clip.using(name) as model:
+            want = zoo[name][1] if name else base_outputs
+            assert _close(_outputs(model, clip.tokenizer()), want), name
+
+
+def test_using_restores_the_previous_adapter_and_set_adapter_none_is_the_base(zoo, base_outputs):
+    clip = _attached(zoo, "lora", "text_prompt")
+    assert clip.active_adapter == "text_prompt"  # the last one attached
+    with clip.using("lora"):
+        assert clip.active_adapter == "lora"
+    assert clip.active_adapter == "text_prompt"
+    clip.set_adapter(None)
+    assert _close(_outputs(clip.model, clip.tokenizer()), base_outputs)
+
+
+def test_per_call_adapter_choice_leaves_the_active_one(zoo):
+    clip = _attached(zoo, "lora", "projections")
+    images = image_batch(clip.model, n=3)
+    got = clip.encode_images(images, adapter="lora", normalize=False)
+    assert torch.allclose(got, zoo["lora"][1]["image"], atol=TOL)
+    assert clip.active_adapter == "projections"
+    texts = clip.encode_texts(TEXTS, adapter="projections", normalize=False)
+    assert torch.allclose(texts, zoo["projections"][1]["text"], atol=TOL)
+
+
+def test_merge_then_unmerge_round_trips(zoo):
+    clip = _attached(zoo, "projections_last2_lora", "lora")
+    clip.set_adapter("projections_last2_lora")  # its own copy of the last blocks' weights is now in place
+    layer = clip.model.get_base_model().visual.transformer.resblocks[0].attn.q_proj
+    original = layer.base_layer.weight.detach().clone()
+    clip.merge()
+    assert not torch.allclose(layer.base_layer.weight, original)  # the update now lives in W
+    assert _close(_outputs(clip.model, clip.tokenizer()), zoo["projections_last2_lora"][1], MERGED_TOL)
+    with pytest.raises(ValueError, match="is merged; unmerge"):
+        clip.set_adapter("lora")
+    clip.unmerge()
+    assert torch.allclose(layer.base_layer.weight, original, atol=TOL, rtol=0)
+    assert _close(_outputs(clip.model, clip.tokenizer()), zoo["projections_last2_lora"][1])
+    clip.set_adapter("lora")
+    assert _close(_outputs(clip.model, clip.tokenizer()), zoo["lora"][1])
+
+
+@pytest.mark.parametrize("name", ["lora", "full", "projections_last2_lora"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_interpolation_endpoints(zoo, base_outputs, name, alpha):
+    clip = _attached(zoo, name)
+    clip.set_scale(name, alpha)
+    assert _close(_outputs(clip.model, clip.tokenizer()), base_outputs if alpha == 0 else zoo[name][1])
+
+
+def test_interpolation_midpoint_of_unfrozen_weights_is_the_weight_average(zoo):
+    clip = _attached(zoo, "full")
+    clip.set_scale("full", 0.25)
+    base, trained = load_base().model, load_adapter(load_base(), zoo["full"][0])
+    for name in ("logit_scale", "visual.proj", "transformer.resblocks.1.mlp.c_fc.weight", "visual.conv1.weight"):
+        want = 0.75 * base.get_parameter(name) + 0.25 * trained.get_parameter(name)
+        assert torch.allclose(clip.model.get_parameter(name), want, atol=1e-6), name
+
+
+@pytest.mark.parametrize("name", ["text_prompt", "head", "new_proj_dim"])
+def test_interpolation_and_export_refuse_what_has_no_base_counterpart(zoo, tmp_path, name):
+    clip = _attached(zoo, name)
+    with pytest.raises(ValueError, match="cannot be interpolated"):
+        clip.set_scale(name, 0.5)
+    with pytest.raises(ValueError, match="no place in one"):
+        clip.export_merged(name, tmp_path / "merged.safetensors")
+
+
+@pytest.mark.parametrize("name", ["lora", "projections_last2_lora", "full"])
+def test_merged_export_loads_with_plain_open_clip(zoo, tmp_path, name):
+    clip = _attached(zoo, name, "second_lora")
+    clip.set_scale(name, 1.0)
+    path = clip.export_merged(name, tmp_path / "merged.safetensors")
+    plain, _, _ = open_clip.create_model_and_transforms("peftclip-tiny", pretrained=str(path))
+    tokenizer = open_clip.get_tokenizer("peftclip-tiny")
+    assert _close(_outputs(plain, tokenizer), zoo[name][1], MERGED_TOL)
+    assert clip.merged is None and clip.active_adapter == "second_lora"  # the export left the live model as it was
+
+
+def test_encode_images_accepts_tensors_paths_and_pil_in_batches(zoo, tmp_path):
+    clip = _attached(zoo, "lora")
+    paths = []
+    for i, colour in enumerate(["red", "green", "blue", "white", "black"]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (40, 30), colour).save(paths[-1])
+    stacked = torch.stack([clip.base.preprocess_val(Image.open(p)) for p in paths])
+    whole = clip.encode_images(stacked, batch_size=5)
+    assert whole.shape == (5, 64) and torch.allclose(whole.norm(dim=-1), torch.ones(5), atol=1e-5)
+    for images in (stacked, paths, [str(p) for p in paths], [Image.open(p) for p in paths], list(stacked)):
+        assert torch.allclose(clip.encode_images(images, batch_size=2), whole, atol=TOL)
+
+
+def test_encode_texts_uses_the_text_prompt_tokenizer(zoo):
+    clip = _attached(zoo, "text_prompt", "lora")
+    got = clip.encode_texts(TEXTS, adapter="text_prompt", batch_size=3, normalize=False)
+    assert torch.allclose(got, zoo["text_prompt"][1]["text"], atol=TOL)
+
+
+def test_zero_shot_classify_is_softmax_of_scaled_cosines(zoo):
+    clip = _attached(zoo, "projections_and_scale")
+    images = image_batch(clip.model, n=4)
+    probs = clip.classify(images, CLASS_NAMES, templates=["a photo of a {}.", "a {}."], batch_size=3)
+    texts = F.normalize(clip.encode_texts([t.format(c) for c in CLASS_NAMES for t in ("a photo of a {}.", "a {}.")])
+                        .view(3, 2, -1).mean(1), dim=-1)
+    want = (clip.model.logit_scale.exp() * clip.encode_images(images) @ texts.T).softmax(-1)
+    assert probs.shape == (4, 3) and torch.allclose(probs, want, atol=1e-5)
+    assert not torch.allclose(clip.classify(images, CLASS_NAMES, adapter=None), probs, atol=1e-3)
+
+
+def test_classify_uses_a_trained_head_for_its_classes(zoo):
+    clip = _attached(zoo, "lora_and_head")
+    images = image_batch(clip.model, n=3)
+    want = zoo["lora_and_head"][1]["head"].softmax(-1)
+    assert torch.allclose(clip.classify(images), want, atol=TOL)
+    assert torch.allclose(clip.classify(images, CLASS_NAMES), want, atol=TOL)
+    other = clip.classify(images, ["dog", "cat"])  # other classes: zero-shot through the text tower
+    assert other.shape == (3, 2)
+    with pytest.raises(ValueError, match="give class_names"):
+        clip.classify(images, adapter=None)
 
 
 @pytest.fixture
-def two(tmp_path):
-    first = _trained(tmp_path, "first", 1, LoraConfig(r=2))
-    second = _trained(tmp_path, "second", 2, LoraConfig(r=4, towers=["vision"], target_modules=["q", "c_fc"]))
-    clip = AdaptedCLIP(load_base())
-    clip.add_adapter("first", first[0])
-    clip.add_adapter("second", second[0])
-    return clip, first[1], second[1]
+def folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(["red", "green", "blue", "yellow", "purple", "orange"]):
+        Image.new("RGB", (32, 32), colour).save(images / f"{i}-{colour}.png")
+    (images / "notes.txt").write_text("not an image")
+    return images
 
 
-def _encode(model, base):
-    images, texts = image_batch(model), text_batch(base)
-    with torch.no_grad():
-        return model.encode_image(images), model.encode_text(texts)
+def test_search_ranks_by_similarity_and_reuses_its_index(zoo, folder, tmp_path, monkeypatch):
+    clip = _attached(zoo, "lora")
+    index = tmp_path / "index.safetensors"
+    hits = clip.search("a red thing", folder, top_k=4, index_path=index)
+    files = sorted(folder.glob("*.png"))
+    scores = (clip.encode_texts(["a red thing"]) @ clip.encode_images(files).T)[0]
+    assert [p for p, _ in hits] == [files[i] for i in scores.topk(4).indices]
+    assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+    monkeypatch.setattr(clip, "encode_images", lambda *a, **k: pytest.fail("the index was not reused"))
+    assert clip.search("a red thing", folder, top_k=4, index_path=index) == hits
 
 
-def _close(a, b):
-    return all(torch.allclose(x, y, atol=TOL, rtol=0) for x, y in zip(a, b))
+@pytest.mark.parametrize("change", ["remove_image", "other_adapter", "other_scale"])
+def test_search_rebuilds_its_index_when_folder_or_model_changes(zoo, folder, tmp_path, change):
+    clip = _attached(zoo, "lora", "full")
+    index = tmp_path / "index.safetensors"
+    clip.search("blue", folder, index_path=index, adapter="lora")
+    calls = []
+    encode = clip.encode_images
+    clip.encode_images = lambda paths, **kw: calls.append(len(paths)) or encode(paths, **kw)
+    adapter = "lora"
+    if change == "remove_image":
+        (folder / "0-red.png").unlink()
+    elif change == "other_adapter":
+        adapter = "full"
+    else:
+        clip.set_scale("lora", 0.5)
+    hits = clip.search("blue", folder, top_k=10, index_path=index, adapter=adapter)
+    assert calls == [len(hits)] and len(hits) == len(list(folder.glob("*.png")))
 
 
-def test_each_adapter_reproduces_its_outputs_and_disabled_is_the_base(two):
-    clip, first, second = two
-    with clip.using("first") as model:
-        assert _close(_encode(model, clip.base), first)
-    with clip.using("second") as model:
-        assert _close(_encode(model, clip.base), second)
-    reference = load_base().model
-    with clip.using(None) as model:
-        assert _close(_encode(model, clip.base), _encode(reference, clip.base))
-    assert clip.model.active_adapter == "second"  # the block restored the previous choice
+def test_default_index_lives_in_the_cache_not_the_image_folder(zoo, folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTCLIP_CACHE", str(tmp_path / "cache"))
+    clip = _attached(zoo, "lora")
+    clip.search("green", folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["0-red.png", "1-green.png", "2-blue.png", "3-yellow.png", "4-purple.png", "5-orange.png", "notes.txt"])
+    assert len(list((tmp_path / "cache" / "search").glob("images-*.safetensors"))) == 1
 
 
-def test_merge_then_unmerge_round_trips(two):
-    clip, first, _ = two
-    clip.set_adapter("first")
-    layer = clip.model.get_base_model().visual.transformer.resblocks[0].attn.q_proj
-    original = layer.base_layer.weight.detach().clone()
-    clip.merge("first")
-    assert not torch.allclose(layer.base_layer.weight, original)  # the update now lives in W
-    assert _close(_encode(clip.model, clip.base), first)
-    clip.unmerge()
-    assert torch.allclose(layer.base_layer.weight, original, atol=TOL)
-    assert _close(_encode(clip.model, clip.base), first)
-    with clip.using(None) as model:
-        assert _close(_encode(model, clip.base), _encode(load_base().model, clip.base))
+def test_delete_adapter_frees_its_name_and_keeps_the_others(zoo):
+    clip = _attached(zoo, "lora", "second_lora", "projections")
+    clip.delete_adapter("lora")
+    assert clip.adapters == ["second_lora", "projections"]
+    clip.add_adapter("lora", zoo["lora"][0])
+    for name in ("lora", "second_lora", "projections"):
+        with clip.using(name) as model:
+            assert _close(_outputs(model, clip.tokenizer()), zoo[name][1]), name
 
 
-@pytest.mark.parametrize(("alpha", "expected"), [(0.0, "base"), (1.0, "first")])
-def test_interpolation_endpoints(two, alpha, expected):
-    clip, first, _ = two
-    clip.set_adapter("first")
-    clip.set_scale("first", alpha)
-    want = first if expected == "first" else _encode(load_base().model, clip.base)
-    assert _close(_encode(clip.model, clip.base), want)
-
-
-def test_interpolation_midpoint_lies_between(two):
-    clip, first, _ = two
-    clip.set_adapter("first")
-    clip.set_scale("first", 0.5)
-    half = _encode(clip.model, clip.base)[0]
-    base = _encode(load_base().model, clip.base)[0]
-    assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, first[0], atol=1e-4)
-
-
-def test_merged_export_loads_with_plain_open_clip(two, tmp_path):
-    clip, first, _ = two
-    path = clip.export_merged("first", tmp_path / "merged.safetensors")
-    plain, _, _ = open_clip.create_model_and_transforms("peftclip-tiny", pretrained=str(path))
-    plain.eval()
-    assert _close(_encode(plain, clip.base), first)
-    assert clip.merged is None  # the export left the live model unmerged
-
-
-def test_only_lora_adapters_share_a_base(tmp_path):
-    base = load_base()
-    model, _ = apply_strategy(base.model, AdapterSpec(partial=PartialConfig(projections=True)))
-    out = save_adapter(model, tmp_path / "proj", base.info, AdapterSpec(partial=PartialConfig(projections=True))
-                       .to_dict())
-    with pytest.raises(AdapterError, match="only LoRA adapters can share one base"):
-        AdaptedCLIP(load_base()).add_adapter("proj", out)
-
-
-def test_second_adapter_for_another_base_is_refused(two, tmp_path):
-    clip, _, _ = two
+def test_second_adapter_for_another_base_is_refused(zoo, tmp_path):
+    clip = _attached(zoo, "lora")
     base = load_base(BaseConfig(init_seed=5))
-    model = apply_lora(base.model, LoraConfig(r=2))
-    out = save_adapter(model, tmp_path / "other", base.info, {"lora": LoraConfig(r=2).to_dict()})
+    model, _ = apply_strategy(base.model, SPECS["lora"])
+    out = save_adapter(model, tmp_path / "other", base.info, SPECS["lora"].to_dict())
     with pytest.raises(AdapterError, match="trained on base"):
         clip.add_adapter("other", out)
+
+
+@pytest.mark.parametrize("name", ["", "lora", inference.ACTIVE])
+def test_bad_or_taken_names_are_refused(zoo, name):
+    clip = _attached(zoo, "lora")
+    with pytest.raises(ValueError, match="empty, reserved or attached already"):
+        clip.add_adapter(name, zoo["projections"][0])
+
+
+@pytest.mark.parametrize("donor", ["projections", "lora", "text_prompt"])
+def test_tensors_that_do_not_fit_the_strategy_are_refused_and_leave_the_model_usable(zoo, tmp_path, donor,
+                                                                                     base_outputs):
+    """A folder whose weights belong to another strategy (checksum rewritten to match) is refused."""
+    import json
+    import shutil
+
+    from peftclip.models import file_sha256
+    victim = tmp_path / "victim"
+    shutil.copytree(zoo["logit_scale"][0], victim)
+    shutil.copy(zoo[donor][0] / SAFETENSORS_WEIGHTS_NAME, victim / SAFETENSORS_WEIGHTS_NAME)
+    metadata = json.loads((victim / "peftclip_config.json").read_text())
+    metadata["weights_sha256"] = file_sha256(victim / SAFETENSORS_WEIGHTS_NAME)
+    (victim / "peftclip_config.json").write_text(json.dumps(metadata))
+    clip = _attached(zoo, "second_lora")
+    with pytest.raises(AdapterError, match="do not match the strategy"):
+        clip.add_adapter("victim", victim)
+    assert clip.adapters == ["second_lora"] and clip.active_adapter == "second_lora"
+    assert _close(_outputs(clip.model, clip.tokenizer()), zoo["second_lora"][1])
+    clip.set_adapter(None)
+    assert _close(_outputs(clip.model, clip.tokenizer()), base_outputs)
