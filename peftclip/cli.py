@@ -23,20 +23,12 @@ from .index import list_images
 from .inference import AdaptedCLIP
 from .io import METRICS_NAME, SAFETENSORS_WEIGHTS_NAME, read_metadata
 from .models import BaseConfig, load_base
-from .utils import write_safetensors_atomic
+from .utils import human_size, write_safetensors_atomic
 
 __all__ = ["build_parser", "main"]
 
 ADAPTER = "adapter"  # the name commands attach their one adapter under
 TASKS = ("retrieval", "classification")
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
 
 
 def _base_config(metadata: dict[str, Any], pretrained: str | None) -> BaseConfig:
@@ -71,7 +63,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"base:       {', '.join(f'{k}={v}' for k, v in metadata['base'].items())}")
     for method, settings in metadata["strategy"].items():
         print(f"strategy:   {method}: {', '.join(f'{k}={v}' for k, v in settings.items())}")
-    print(f"parameters: {metadata['trainable_parameters']:,} trainable, file {_human(size)} "
+    print(f"parameters: {metadata['trainable_parameters']:,} trainable, file {human_size(size)} "
           f"({metadata.get('save_dtype', 'fp32')})")
     metrics_file = folder / METRICS_NAME
     if metrics_file.is_file():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub
+import open_clip
 import yaml
 from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
@@ -29,9 +30,10 @@ from .io import (
     read_metadata,
 )
 from .models import BaseModel
+from .utils import human_size
 
-__all__ = ["create_model_card", "download_adapter", "load_adapter_from_hub", "prepare_push_folder", "push_to_hub",
-           "resolve_adapter"]
+__all__ = ["create_model_card", "download_adapter", "hub_base_model", "load_adapter_from_hub", "prepare_push_folder",
+           "push_to_hub", "resolve_adapter"]
 
 ADAPTER_FILES = (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, METADATA_NAME, METRICS_NAME)
 CARD_NAME = "README.md"
@@ -43,40 +45,66 @@ def _check_repo_id(repo_id: str) -> None:
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'namespace/name'")
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
+def hub_base_model(base: dict[str, Any]) -> str | None:
+    """The Hub repo id of an adapter's base, when open_clip knows one (an `hf-hub:` name or a pretrained tag)."""
+    name, tag = base["model_name"], base.get("pretrained")
+    if name.startswith("hf-hub:"):
+        return name.removeprefix("hf-hub:")
+    if tag is None or "weights_sha256" in base:
+        return None  # random init or a local weights file: not on the Hub
+    return open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "").strip("/") or None
 
 
 def create_model_card(adapter_dir: str | os.PathLike, repo_id: str, license: str = "apache-2.0") -> str:
-    """The Hub README.md of an adapter folder: front matter, base, strategy, size, metrics, usage.
+    """The Hub README.md of an adapter folder: front matter, base, strategy, training, size, metrics, usage.
 
     >>> print(create_model_card("outputs/lora_retrieval", "me/shapes-lora"))  # doctest: +SKIP
     """
     adapter_dir = Path(adapter_dir)
     metadata = read_metadata(adapter_dir)
-    base = metadata["base"]
-    base_model = base["model_name"] + (f" ({base['pretrained']})" if base.get("pretrained") else "")
-    front = {"library_name": "peftclip", "base_model": f"open_clip/{base['model_name']}",
-             "tags": ["peftclip", "open_clip", "clip", *metadata["strategy"]], "license": license}
+    base, hub_id = metadata["base"], hub_base_model(metadata["base"])
+    front = {"library_name": "peftclip", **({"base_model": hub_id} if hub_id else {}),
+             "pipeline_tag": "zero-shot-image-classification",
+             "tags": ["peftclip", "open_clip", "clip", base["model_name"], *metadata["strategy"]], "license": license}
+    described = f"**{base['model_name']}**" + (f" with pretrained weights `{base['pretrained']}`"
+                                                if base.get("pretrained") else " with random weights")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo_id}", "",
-             f"A peftclip adapter for the open_clip model **{base_model}**.", "", "## Base model", ""]
+             f"A peftclip adapter for the open_clip model {described}.", "",
+             "## Base model", ""]
     lines += [f"- {key}: `{value}`" for key, value in base.items()]
+    lines.append(_where_the_base_is(base, hub_id))
     lines += ["", "## Strategy", "", "| method | setting | value |", "|---|---|---|"]
     for method, settings in metadata["strategy"].items():
         lines += [f"| {method} | {key} | `{value}` |" for key, value in settings.items()]
+    lines += _training_section(metadata.get("training", {}))
     size = (adapter_dir / SAFETENSORS_WEIGHTS_NAME).stat().st_size
-    lines += ["", f"Trainable parameters: {metadata['trainable_parameters']:,}; adapter file: {_human(size)}.", ""]
+    lines += ["", f"Trainable parameters: {metadata['trainable_parameters']:,}; adapter file: {human_size(size)} "
+              f"({metadata.get('save_dtype', 'fp32')}).", ""]
     lines += _metrics_section(adapter_dir)
-    lines += ["## Usage", "", "```python", "from peftclip import BaseConfig, load_base",
-              "from peftclip.hub import load_adapter_from_hub", "",
-              f"base = load_base(BaseConfig(model_name={base['model_name']!r}, pretrained={base.get('pretrained')!r}))",
-              f"model = load_adapter_from_hub(base, {repo_id!r})",
-              "features = model.encode_image(images, normalize=True)", "```", ""]
+    lines += _usage_section(repo_id, base)
     return "\n".join(lines)
+
+
+def _where_the_base_is(base: dict[str, Any], hub_id: str | None) -> str:
+    if hub_id:
+        return f"- on the Hub: [{hub_id}](https://huggingface.co/{hub_id})"
+    if "weights_sha256" in base:
+        return "- a local weights file, not on the Hub: load the same file (the adapter checks its SHA-256)"
+    if base.get("pretrained") is None:
+        return "- random weights, recreated by `load_base` from `init_seed`"
+    return "- open_clip downloads these pretrained weights by their tag"
+
+
+_TRAINING_KEYS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "warmup_steps", "mixed_precision", "seed")
+
+
+def _training_section(training: dict[str, Any]) -> list[str]:
+    settings = training.get("train", {})
+    rows = [f"| {key} | `{settings[key]}` |" for key in _TRAINING_KEYS if settings.get(key) is not None]
+    source = training.get("data", {}).get("source")
+    if source:
+        rows.append(f"| data | `{Path(source).name}` |")
+    return ["", "## Training", "", "| setting | value |", "|---|---|", *rows] if rows else []
 
 
 def _metrics_section(adapter_dir: Path) -> list[str]:
@@ -88,6 +116,18 @@ def _metrics_section(adapter_dir: Path) -> list[str]:
     rows = [f"| {key} | {before.get(key, float('nan')):.2f} | {value:.2f} |" for key, value in after.items()
             if isinstance(value, (int, float))]
     return ["## Metrics", "", "| metric | base | adapted |", "|---|---:|---:|", *rows, ""]
+
+
+def _usage_section(repo_id: str, base: dict[str, Any]) -> list[str]:
+    pretrained = "'<the weights file>'" if "weights_sha256" in base else repr(base.get("pretrained"))
+    return ["## Usage", "", "```python", "from peftclip import AdaptedCLIP, BaseConfig, load_base", "",
+            f"base = load_base(BaseConfig(model_name={base['model_name']!r}, pretrained={pretrained}))",
+            "clip = AdaptedCLIP(base)",
+            f"clip.add_adapter('adapter', {repo_id!r})",
+            "image_features = clip.encode_images(['photo.jpg'])",
+            "probs = clip.classify(['photo.jpg'], ['cat', 'dog'])", "```", "",
+            "or from the command line:", "", "```bash", f"peftclip info {repo_id}",
+            f"peftclip search {repo_id} --images photos/ --query 'a dog on a beach'", "```", ""]
 
 
 def prepare_push_folder(adapter_dir: str | os.PathLike, dest: str | os.PathLike, repo_id: str,
@@ -145,7 +185,10 @@ def resolve_adapter(path_or_repo_id: str, revision: str | None = None,
     path = Path(path_or_repo_id)
     if path.exists() or not _REPO_ID.match(path_or_repo_id):
         return path
-    return download_adapter(path_or_repo_id, revision=revision, cache_dir=cache_dir)
+    try:
+        return download_adapter(path_or_repo_id, revision=revision, cache_dir=cache_dir)
+    except AdapterError as e:
+        raise AdapterError(f"no adapter folder {path_or_repo_id} here, and as a Hub repo id: {e}") from e
 
 
 def load_adapter_from_hub(base: BaseModel, repo_id: str, revision: str | None = None,

@@ -124,3 +124,12 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pa
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def human_size(size: float) -> str:
+    """A byte count as B, KB, MB or GB (powers of 1024)."""
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
