@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -20,16 +22,18 @@ from .checkpoint import (
     find_latest_checkpoint,
 )
 from .evaluate import retrieval_recall
+from .io import SAVE_DTYPES
 from .losses import LossFn, contrastive_step
 from .utils import ConfigMixin
 
 __all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
-           "create_scheduler", "embed_dataset", "evaluate_retrieval", "format_metrics_table", "param_group", "result_fingerprint",
-           "train"]
+           "create_scheduler", "embed_dataset", "evaluate_retrieval", "format_metrics_table", "images_per_second",
+           "param_group", "result_fingerprint", "train"]
 
 # Settings that do not change a run's result, and so may differ on resume.
 _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size", "checkpoint_every_steps",
-                       "checkpoint_every_minutes", "keep_checkpoints", "grad_checkpointing", "feature_cache"}
+                       "checkpoint_every_minutes", "keep_checkpoints", "grad_checkpointing", "feature_cache",
+                       "save_dtype"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PARAM_GROUPS = ("lora", "prompts", "head", "projections", "blocks")
@@ -68,6 +72,8 @@ class TrainConfig(ConfigMixin):
     checkpoint_every_minutes: float | None = field(default=None, metadata={"help": "Checkpoint every N minutes."})
     keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})
+    save_dtype: str = field(default="fp32", metadata={
+        "help": f"Type the adapter's tensors are written in, one of {sorted(SAVE_DTYPES)} (bf16 halves the file)."})
     skip_nonfinite: bool = field(default=False, metadata={
         "help": "Skip (and count) steps whose loss or gradient is not finite, instead of stopping."})
 
@@ -91,6 +97,8 @@ class TrainConfig(ConfigMixin):
                     raise ValueError(f"{name}: unknown parameter group {group!r}; choose from {PARAM_GROUPS}")
                 if value < 0 or (name == "group_lr" and value == 0):
                     raise ValueError(f"{name}: {group}={value} must be positive")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype={self.save_dtype!r}; choose from {sorted(SAVE_DTYPES)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from {MIXED_PRECISION}")
 
@@ -189,6 +197,18 @@ class TrainResult:
     skipped_steps: int = 0
     resumed_from: str | None = None
     last_checkpoint: str | None = None
+    # Wall time of each optimiser step run in this process, from the end of the previous one
+    # (data loading wait included), as open_clip's trainer times its steps.
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def images_per_second(step_seconds: list[float], images_per_step: int, warmup: int = 2) -> float | None:
+    """Steady-state throughput: images per step over the median step time, the first `warmup` steps
+    left out when there are more than that; None when no step was timed (e.g. resumed at the end)."""
+    if not step_seconds:
+        return None
+    steady = step_seconds[warmup:] if len(step_seconds) > warmup else step_seconds
+    return images_per_step / statistics.median(steady)
 
 
 def _seed_step(seed: int, epoch: int, batch: int, rank: int) -> None:
@@ -239,6 +259,7 @@ class _Loop:
     checkpointer: Checkpointer
     result: TrainResult
     progress: Any
+    last_step_end: float = 0.0
 
 
 def _set_grad_checkpointing(model: nn.Module) -> None:
@@ -280,7 +301,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
         progress = tqdm(total=total_steps, initial=len(result.losses), desc="train",
                         disable=not accelerator.is_local_main_process)
         loop = _Loop(model, loader, optimizer, scheduler, compute_loss, generator, total_steps, config,
-                     accelerator, checkpointer, result, progress)
+                     accelerator, checkpointer, result, progress, last_step_end=time.perf_counter())
         for epoch in range(position["epoch"], config.epochs):
             if len(result.losses) >= total_steps:
                 break
@@ -325,6 +346,9 @@ def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
         if not accelerator.sync_gradients:
             continue
         result.losses.append(mean_loss)
+        now = time.perf_counter()
+        result.step_seconds.append(now - loop.last_step_end)
+        loop.last_step_end = now
         loop.progress.update(1)
         loop.progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
         step = len(result.losses)

@@ -48,6 +48,7 @@ from peftclip.train import (
     TrainConfig,
     embed_dataset,
     format_metrics_table,
+    images_per_second,
     result_fingerprint,
     train,
 )
@@ -145,11 +146,16 @@ def training_function(config: dict, accelerator) -> dict:
         after = _accuracy(accelerator, predict, test_images, test_data.labels, n_classes, config["train"])
     accelerator.print(format_metrics_table(before, after))
     metrics = {"before": before, "after": after, "steps": len(result.losses), "class_names": names,
-               "skipped_rows": train_data.skipped + test_data.skipped}
+               "skipped_rows": train_data.skipped + test_data.skipped,
+               "train_images_per_second": images_per_second(result.step_seconds, config["train"].batch_size
+                                                            * config["train"].grad_accum_steps)}
+    accelerator.print(f"{len(result.losses)} steps at {metrics['train_images_per_second'] or float('nan'):.1f} "
+                      f"images/s (after the first steps)")
     if accelerator.is_main_process:
         out = save_adapter(accelerator.unwrap_model(model), config["train"].output_dir, base.info, spec.to_dict(),
                            training={"train": config["train"].to_dict(), "data": config["data"].to_dict(),
-                                     "classify": config["classify"].to_dict(), "class_names": names})
+                                     "classify": config["classify"].to_dict(), "class_names": names},
+                           save_dtype=config["train"].save_dtype)
         save_metrics(out, metrics)
         accelerator.print(f"adapter saved to {out}")
     accelerator.wait_for_everyone()

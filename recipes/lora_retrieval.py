@@ -42,6 +42,7 @@ from peftclip.train import (
     TrainConfig,
     evaluate_retrieval,
     format_metrics_table,
+    images_per_second,
     result_fingerprint,
     train,
 )
@@ -99,11 +100,16 @@ def training_function(config: dict, accelerator) -> dict:
                    fingerprint=result_fingerprint(config, base.info))
     after = evaluate()
     metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
-               "skipped_steps": result.skipped_steps, **counts}
+               "skipped_steps": result.skipped_steps, **counts,
+               "train_images_per_second": images_per_second(result.step_seconds, train_config.batch_size
+                                                            * train_config.grad_accum_steps)}
     accelerator.print(format_metrics_table(before, after))
+    accelerator.print(f"{len(result.losses)} steps at {metrics['train_images_per_second'] or float('nan'):.1f} "
+                      f"images/s (after the first steps)")
     if accelerator.is_main_process:
         out = save_adapter(accelerator.unwrap_model(model), train_config.output_dir, base.info, spec.to_dict(),
-                           training={"train": train_config.to_dict(), "data": config["data"].to_dict()})
+                           training={"train": train_config.to_dict(), "data": config["data"].to_dict()},
+                           save_dtype=train_config.save_dtype)
         save_metrics(out, metrics)
         accelerator.print(f"adapter saved to {out}")
     accelerator.wait_for_everyone()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
+from safetensors.torch import load_file as load_safetensors_file
 
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.io import (
@@ -89,3 +91,28 @@ def test_saving_again_replaces_the_folder_whole(saved):
     save_adapter(model, out, base.info, {"lora": CONFIG.to_dict()})
     assert not (out / "stray.txt").exists()
     assert read_metadata(out)["trainable_parameters"] > 0
+
+
+@pytest.mark.parametrize(("save_dtype", "dtype", "tol"), [("bf16", torch.bfloat16, 5e-2), ("fp16", torch.float16,
+                                                                                             5e-3)])
+def test_half_precision_file_is_half_the_size_and_loads_into_fp32(saved, tmp_path, save_dtype, dtype, tol):
+    out, model, base = saved
+    half = save_adapter(model, tmp_path / save_dtype, base.info, {"lora": CONFIG.to_dict()}, save_dtype=save_dtype)
+    def data_bytes(folder):  # a safetensors file: 8-byte header length, the JSON header, then the data
+        raw = (folder / SAFETENSORS_WEIGHTS_NAME).read_bytes()
+        return len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
+
+    assert data_bytes(out) == 4 * read_metadata(out)["trainable_parameters"] == 2 * data_bytes(half)
+    assert {t.dtype for t in load_safetensors_file(half / SAFETENSORS_WEIGHTS_NAME).values()} == {dtype}
+    loaded = load_adapter(load_base(BaseConfig()), half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    images = image_batch(model)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(images), model.encode_image(images), atol=tol, rtol=0)
+
+
+def test_unknown_save_dtype_is_refused_before_writing(saved, tmp_path):
+    out, model, base = saved
+    with pytest.raises(ValueError, match="save_dtype='fp8'"):
+        save_adapter(model, tmp_path / "x", base.info, {"lora": CONFIG.to_dict()}, save_dtype="fp8")
+    assert not (tmp_path / "x").exists()

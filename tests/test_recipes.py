@@ -34,6 +34,7 @@ STRATEGY_FLAGS = {
     "text_prompt_and_logit_scale": ["--no-lora", "--text-prompt", "--logit-scale"],
     "visual_prompt_deep": ["--no-lora", "--visual-prompt", "--deep"],
     "freeze_vision": ["--no-lora", "--freeze", "vision"],
+    "lora_saved_in_bf16": ["--save-dtype", "bf16"],
 }
 
 
@@ -42,11 +43,13 @@ def test_recipe_trains_saves_and_reloads(tmp_path, shapes, case):
     out = tmp_path / case
     metrics = _run(out, shapes, *STRATEGY_FLAGS[case])
     assert metrics["steps"] == 2 and set(metrics["before"]) == set(metrics["after"])
+    assert metrics["train_images_per_second"] > 0
     assert json.loads((out / "metrics.json").read_text())["after"] == metrics["after"]
     assert sorted(read_metadata(out)["strategy"]) == sorted(
         {"lora": ["lora"], "projections_last_block_lora": ["lora", "partial"],
          "text_prompt_and_logit_scale": ["partial", "text_prompt"], "visual_prompt_deep": ["visual_prompt"],
-         "freeze_vision": ["partial"]}[case])
+         "freeze_vision": ["partial"], "lora_saved_in_bf16": ["lora"]}[case])
+    assert read_metadata(out)["save_dtype"] == ("bf16" if case == "lora_saved_in_bf16" else "fp32")
     load_adapter(load_base(), out)
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
 

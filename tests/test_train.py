@@ -17,6 +17,7 @@ from peftclip.train import (
     TrainConfig,
     TrainingError,
     create_accelerator,
+    images_per_second,
     train,
 )
 
@@ -165,3 +166,16 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path):
         model, data, config = _setup(tmp_path, grad_checkpointing=checkpointing, epochs=1)
         runs.append(train(model, data, config, create_accelerator(config)).losses)
     assert runs[1] == pytest.approx(runs[0], abs=1e-5)
+
+
+def test_every_optimiser_step_is_timed(tmp_path):
+    model, data, config = _setup(tmp_path, epochs=1, grad_accum_steps=2)
+    result = train(model, data, config, create_accelerator(config))
+    assert len(result.step_seconds) == len(result.losses) == N_PAIRS // 16
+    assert all(seconds > 0 for seconds in result.step_seconds)
+
+
+@pytest.mark.parametrize(("steps", "expected"), [([9.0, 5.0, 1.0, 2.0, 3.0], 8 / 2.0), ([4.0, 2.0], 8 / 3.0),
+                                                 ([], None)])
+def test_images_per_second_leaves_out_the_warm_up_steps(steps, expected):
+    assert images_per_second(steps, 8) == expected
