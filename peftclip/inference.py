@@ -104,6 +104,7 @@ class AdaptedCLIP:
         self._attached: dict[str, _Attached] = {}
         self._slots: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}  # name -> (owner, attr, base value)
         self._lora_count = 0
+        self._lora_on = False  # whether PEFT's LoRA layers are enabled
         convert_attention(self._inner)
         self._inner.requires_grad_(False).eval()
 
@@ -255,11 +256,15 @@ class AdaptedCLIP:
         for attr in used:
             _MODULE_SETTERS[attr](self._inner, record.modules.get(attr) if record else None)
         if isinstance(self.model, peft.PeftModel):
-            if record is not None and record.peft_name:
-                self.model.base_model.enable_adapter_layers()
+            lora_on = record is not None and record.peft_name is not None
+            if lora_on:
                 self.model.set_adapter(record.peft_name, inference_mode=True)
-            else:
-                self.model.base_model.disable_adapter_layers()
+            if lora_on != self._lora_on or force:  # both walk every module: skip when nothing changes
+                if lora_on:
+                    self.model.base_model.enable_adapter_layers()
+                else:
+                    self.model.base_model.disable_adapter_layers()
+                self._lora_on = lora_on
         self.active_adapter = name
 
     @contextlib.contextmanager
