@@ -90,8 +90,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: typ
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        kwargs = _argument_kwargs(hints[f.name], f.name)
+        if "action" not in kwargs:
+            kwargs["metavar"] = f.name.upper()
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}",
-                           default=argparse.SUPPRESS, help=help_text, **_argument_kwargs(hints[f.name], f.name))
+                           default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
 def parse_config(args: argparse.Namespace, sections: dict[str, type],
