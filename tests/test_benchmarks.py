@@ -22,3 +22,27 @@ def test_inference_benchmark_smallest_case(tmp_path):
     assert all(s > 0 for s in result["switch_seconds"].values()) and result["reload_seconds"] > 0
     assert set(result["images_per_second"]) == {"base", "unmerged", "merged"}
     assert "| reload base + adapter from disk |" in (tmp_path / "inference-peftclip-tiny.md").read_text()
+
+
+def test_suite_quick_smallest_case(tmp_path):
+    """Every section of `python -m benchmarks.run --quick`, on the tiny base with the fewest steps."""
+    from benchmarks import run
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\n<!-- suite-quick:begin -->\nold\n<!-- suite-quick:end -->\n")
+    argv = ["--quick", "--batch-size", "4", "--steps", "3", "--feature-cache-images", "40", "--inference-rounds", "2",
+            "--out", str(tmp_path / "results"), "--readme", str(readme)]
+    result = run.main(argv)
+    comparisons = result["training"]["comparisons"]
+    assert set(comparisons) == set(run.COMPARISONS) and all(row["ratio"] > 0 for row in comparisons.values())
+    assert set(result["memory"]) == set(run.STRATEGIES) and set(result["floor"]) >= set(run.STRATEGIES)
+    assert all(row["max_rss_bytes"] > 50e6 and row["artifact_bytes"] > 0 for row in result["memory"].values())
+    assert result["memory"]["lora"]["artifact_bytes_bf16"] < result["memory"]["lora"]["artifact_bytes"]
+    assert {t["target"] for t in result["targets"]} >= {"LoRA training vs open_clip's full fine-tune",
+                                                         "merged LoRA inference vs bare base"}
+    saved = json.loads((tmp_path / "results" / "suite-quick.json").read_text())
+    assert saved["command"] == ("python -m benchmarks.run --quick --batch-size 4 --steps 3 --feature-cache-images 40 "
+                                "--inference-rounds 2")
+    assert (tmp_path / "results" / "suite-quick.png").read_bytes()[:4] == b"\x89PNG"
+    text = readme.read_text()
+    assert "old" not in text and "| LoRA (attn+MLP, r=8) vs full fine-tune |" in text
+    assert "results/suite-quick.png" in text and text.count("<!-- suite-quick:begin -->") == 1

@@ -1,0 +1,141 @@
+"""Turn the suite's results into target checks, Markdown tables, a plot, and the README's section."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from peftclip.utils import human_size
+
+__all__ = ["check_targets", "render_markdown", "render_plot", "update_readme"]
+
+MB = 1_000_000
+# Strategies whose training reads images through the data pipeline (text_prompt reads cached features).
+_LOADING_STRATEGIES = ("full", "lora", "lora_grad_checkpointing", "projections")
+
+
+def check_targets(result: dict) -> list[dict]:
+    """Each target of the suite with the measured value and whether it is met."""
+    memory, training = result["memory"], result["training"]["comparisons"]
+    targets = [_target("LoRA training vs open_clip's full fine-tune", ">= 1.4x",
+                       training["LoRA (attn+MLP, r=8) vs full fine-tune"]["ratio"], 1.4)]
+    for strategy, row in memory.items():
+        targets.append(_target(f"{strategy}: share of the compute floor", ">= 90%",
+                               row["images_per_second"] / result["floor"][strategy], 0.9, percent=True))
+    targets.append(_target("LoRA + grad checkpointing peak memory vs full fine-tune", "<= 45%",
+                           memory["lora_grad_checkpointing"]["max_rss_bytes"] / memory["full"]["max_rss_bytes"],
+                           0.45, percent=True, at_most=True))
+    targets.append(_target("LoRA r=8 attn+MLP adapter, fp32 (MB)", "< 8", memory["lora"]["artifact_bytes"] / MB,
+                           8, at_most=True))
+    targets.append(_target("LoRA r=8 attn+MLP adapter, bf16 (MB)", "< 4",
+                           memory["lora"]["artifact_bytes_bf16"] / MB, 4, at_most=True))
+    for strategy, row in result["feature_cache"]["strategies"].items():
+        targets.append(_target(f"feature cache, {strategy}: epoch speed-up", ">= 10x", row["speedup"], 10))
+    targets.append(_target("merged LoRA inference vs bare base", ">= 99%",
+                           result["inference"]["merged_over_base"], 0.99, percent=True))
+    fastest = max(memory[s]["images_per_second"] for s in _LOADING_STRATEGIES)
+    targets.append(_target("data pipeline vs fastest image-loading training", ">= 3x",
+                           result["loader"]["images_per_second"] / fastest, 3))
+    return targets
+
+
+def _target(name: str, goal: str, value: float, bound: float, percent: bool = False, at_most: bool = False) -> dict:
+    shown = f"{100 * value:.1f}%" if percent else f"{value:.2f}"
+    return {"target": name, "goal": goal, "value": value, "shown": shown,
+            "met": value <= bound if at_most else value >= bound}
+
+
+def _header(result: dict) -> list[str]:
+    s = result["settings"]
+    return [f"Model **{s['model']}** (random weights), batch {s['batch_size']}, {s['steps']} steps per run "
+            f"(first 2 not timed), {s['repeats']} run(s) per tool alternating, {s['threads']} threads, "
+            f"{s['workers']} loader worker(s), {s['precision']}, on {result['machine']['processor']} "
+            f"(torch {result['machine']['torch']}). Data: `{Path(result['data']).name}`.", "",
+            f"Command: `{result['command']}`", ""]
+
+
+def _training_tables(result: dict) -> list[str]:
+    lines = ["| comparison | peftclip images/s | open_clip_train images/s | ratio |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {row['peftclip_images_per_second']:.2f} | {row['open_clip_images_per_second']:.2f} "
+              f"| {row['ratio']:.2f}x |" for name, row in result["training"]["comparisons"].items()]
+    memory, base_bytes = result["memory"], result["inference"]["base_file_bytes"]
+    full_rss = memory["full"]["max_rss_bytes"]
+    lines += ["", "| strategy | peftclip images/s | floor images/s | share of floor | peak RSS | vs full FT "
+              "| adapter file | vs base checkpoint |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for strategy, row in memory.items():
+        lines.append(f"| {strategy} | {row['images_per_second']:.2f} | {result['floor'][strategy]:.2f} "
+                     f"| {100 * row['images_per_second'] / result['floor'][strategy]:.0f}% "
+                     f"| {human_size(row['max_rss_bytes'])} | {100 * row['max_rss_bytes'] / full_rss:.0f}% "
+                     f"| {human_size(row['artifact_bytes'])} | {100 * row['artifact_bytes'] / base_bytes:.2f}% |")
+    lines.append(f"\nLoRA adapter saved in bf16: {human_size(memory['lora']['artifact_bytes_bf16'])}; "
+                 f"base checkpoint (fp32 safetensors): {human_size(base_bytes)}.")
+    return lines
+
+
+def _other_tables(result: dict) -> list[str]:
+    infer, loader = result["inference"], result["loader"]
+    lines = ["", "| inference | value |", "|---|---:|"]
+    lines += [f"| switch {name} | {1000 * s:.2f} ms |" for name, s in infer["switch_seconds"].items()]
+    lines += [f"| reload base + adapter from disk | {1000 * infer['reload_seconds']:.0f} ms |"]
+    lines += [f"| encode_image, {name} | {ips:.1f} images/s |" for name, ips in infer["images_per_second"].items()]
+    lines += ["", f"Data pipeline alone: {loader['images_per_second']:.1f} images/s "
+              f"({loader['workers']} worker(s), batch {loader['batch_size']}).", "",
+              "| feature cache | uncached s/epoch | cached s/epoch | speed-up |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {row['uncached_s_per_epoch']:.3f} | {row['cached_s_per_epoch']:.4f} "
+              f"| {row['speedup']:.1f}x |" for name, row in result["feature_cache"]["strategies"].items()]
+    return lines
+
+
+def render_markdown(result: dict, plot: str | None = None) -> str:
+    """The suite's report: settings, tables, targets, and the plot if given."""
+    lines = _header(result) + _training_tables(result) + _other_tables(result)
+    lines += ["", "| target | goal | measured | met |", "|---|---|---:|:---:|"]
+    lines += [f"| {t['target']} | {t['goal']} | {t['shown']} | {'yes' if t['met'] else '**no**'} |"
+              for t in result["targets"]]
+    if plot:
+        lines += ["", f"![throughput and memory per strategy]({plot})"]
+    return "\n".join(lines)
+
+
+def render_plot(result: dict, path: Path) -> Path:
+    """A PNG: training images/s (peftclip, floor, open_clip) and peak memory per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    memory, medians = result["memory"], result["training"]["median_images_per_second"]
+    strategies = list(memory)
+    x = range(len(strategies))
+    open_clip = {"full": medians.get("open_clip full"), "lora": medians.get("open_clip full"),
+                 "freeze_vision": medians.get("open_clip lock_image")}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.27
+    left.bar([i - width for i in x], [memory[s]["images_per_second"] for s in strategies], width, label="peftclip")
+    left.bar(list(x), [result["floor"][s] for s in strategies], width, label="compute floor")
+    left.bar([i + width for i in x], [open_clip.get(s) or 0 for s in strategies], width,
+             label="open_clip_train (full FT for LoRA)")
+    left.set_ylabel("training images/s")
+    right.bar(list(x), [memory[s]["max_rss_bytes"] / 2**30 for s in strategies], 0.6, color="tab:gray")
+    right.set_ylabel("peak RSS (GiB)")
+    for axis in (left, right):
+        axis.set_xticks(list(x), strategies, rotation=25, ha="right")
+    left.legend(fontsize=8)
+    fig.suptitle(f"{result['settings']['model']}, batch {result['settings']['batch_size']}, "
+                 f"{result['settings']['threads']} threads, {result['settings']['precision']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def update_readme(readme: Path, mode: str, report: str) -> None:
+    """Replace the README's section for `mode` (between its markers) with `report`, or append one."""
+    begin, end = f"<!-- suite-{mode}:begin -->", f"<!-- suite-{mode}:end -->"
+    section = f"{begin}\n{report}\n{end}"
+    text = readme.read_text()
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + f"\n\n## Suite: {mode}\n\n{section}\n"
+    readme.write_text(text)
