@@ -54,8 +54,8 @@ class Settings:
     steps: int = field(default=6, metadata={"help": "optimiser steps per training run (the first 2 are not timed)"})
     repeats: int = field(default=1, metadata={"help": "runs of each tool per comparison, alternating"})
     threads: int = field(default=2, metadata={"help": "math threads (OMP_NUM_THREADS) of every run"})
-    # DataLoader worker processes, the same for both tools. 0 on a 2-core machine: a worker
-    # decoding beside 2 math threads makes OpenMP's spinning threads wait on each other.
+    # DataLoader worker processes, the same for both tools. With 0, loading counts fully in the
+    # step time; on a quiet 2-core machine, 0 and 1 worker gave the same ViT-B-32 LoRA images/s.
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes of both trainers"})
     precision: str = field(default="fp32", metadata={"help": f"one of {sorted(PRECISIONS)}"})
     feature_cache_images: int = field(default=512, metadata={"help": "images of the feature-cache benchmark"})
