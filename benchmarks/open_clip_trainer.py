@@ -81,7 +81,8 @@ def run_open_clip_train(
     Returns:
         The settings, ``step_seconds`` (one per step, from open_clip's samples/s),
         ``images_per_second`` (as ``peftclip.train.images_per_second`` computes it for our
-        recipes: batch size over the median step, warm-up steps left out), and the trainer process's ``max_rss_bytes`` and ``wall_seconds``.
+        recipes: batch size over the median step, warm-up steps left out), and the trainer
+        process's ``max_rss_bytes`` and ``wall_seconds``.
 
     >>> run_open_clip_train("peftclip-tiny", Path("captions.csv"), batch_size=4, steps=3,
     ...                     workdir=Path("/tmp/oc"))["images_per_second"]  # doctest: +SKIP

@@ -72,7 +72,7 @@ class _Attached:
     modules: dict[str, nn.Module] = field(default_factory=dict)  # prompt / head attribute -> module
     scale: float = 1.0
 
-    def unmergeable(self) -> list[str]:
+    def without_base_counterpart(self) -> list[str]:
         """Its methods that have no counterpart in the base's weights (so no interpolation or export)."""
         methods = [m for m, attr in (("text_prompt", TEXT_PROMPT_NAME), ("visual_prompt", VISUAL_PROMPT_NAME),
                                      ("head", CLASSIFIER_NAME)) if attr in self.modules]
@@ -294,9 +294,9 @@ class AdaptedCLIP:
             raise ValueError(f"alpha={alpha}: must be in [0, 1]")
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged!r} is merged; unmerge() before changing a scale")
-        if record.unmergeable():
-            raise ValueError(f"adapter {name!r} cannot be interpolated: its {', '.join(record.unmergeable())} "
-                             f"have no counterpart in the base")
+        if methods := record.without_base_counterpart():
+            raise ValueError(f"adapter {name!r} cannot be interpolated: its {', '.join(methods)} have no "
+                             f"counterpart in the base")
         for module in self.model.modules():
             if isinstance(module, LoraLayer):
                 module.set_scale(record.peft_name, alpha)
@@ -340,9 +340,9 @@ class AdaptedCLIP:
         such a checkpoint and are refused.
         """
         record = self._require(name)
-        if record.unmergeable():
+        if methods := record.without_base_counterpart():
             raise ValueError(f"adapter {name!r} cannot be exported as a plain open_clip checkpoint: its "
-                             f"{', '.join(record.unmergeable())} have no place in one")
+                             f"{', '.join(methods)} have no place in one")
         previous, was_merged = self.active_adapter, self.merged == name
         if not was_merged:
             self.merge(name)
