@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 import statistics
 import time
@@ -28,12 +29,12 @@ from .utils import ConfigMixin
 
 __all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
            "create_scheduler", "embed_dataset", "evaluate_retrieval", "format_metrics_table", "images_per_second",
-           "param_group", "result_fingerprint", "train"]
+           "param_group", "release_freed_memory", "result_fingerprint", "train"]
 
 # Settings that do not change a run's result, and so may differ on resume.
 _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size", "checkpoint_every_steps",
                        "checkpoint_every_minutes", "keep_checkpoints", "grad_checkpointing", "feature_cache",
-                       "save_dtype"}
+                       "save_dtype", "release_memory"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PARAM_GROUPS = ("lora", "prompts", "head", "projections", "blocks")
@@ -66,6 +67,9 @@ class TrainConfig(ConfigMixin):
     feature_cache: bool = field(default=True, metadata={
         "help": "Compute frozen towers' features once and reuse them every epoch (an image tower only "
                 "with --no-augment)."})
+    release_memory: bool = field(default=False, metadata={
+        "help": "Return freed buffers of 1 MB and more to the OS at once (glibc, whole process): on the CPU, "
+                "a much lower peak (ViT-B-32 LoRA about 45% less) for 10-50% slower steps."})
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute block activations in the backward pass: less memory, more compute."})
     checkpoint_every_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps."})
@@ -269,6 +273,25 @@ def _set_grad_checkpointing(model: nn.Module) -> None:
     inner.set_grad_checkpointing(True)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def release_freed_memory() -> None:
+    """Have glibc serve every buffer of 1 MB or more by mmap, so that freeing it returns it to the OS.
+
+    By default glibc raises that threshold as it sees large frees, then keeps freed
+    activations and LoRA's short-lived branch outputs in a heap fragmented by the
+    activations still alive: peak RSS grows well past what autograd holds.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError) as e:
+        raise ValueError(f"release_memory needs glibc (Linux): {e}") from e
+    if ok != 1:
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) was refused")
+
+
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: Accelerator,
           compute_loss: LossFn = contrastive_step, fingerprint: dict[str, Any] | None = None) -> TrainResult:
     """Train `model`'s trainable parameters on `dataset` with `compute_loss(model, batch)`.
@@ -287,6 +310,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
         raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(dataset)} items)")
     if config.grad_checkpointing:
         _set_grad_checkpointing(model)
+    if config.release_memory:
+        release_freed_memory()
     optimizer = create_optimizer(model, config)
     total_steps = _total_steps(config, len(loader))
     scheduler = create_scheduler(optimizer, config.warmup_steps, total_steps)
@@ -310,7 +335,7 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
     except RuntimeError as e:
         if _is_oom(e):
             raise TrainingError(f"out of memory at batch_size={config.batch_size}: try a smaller --batch-size, "
-                                f"--grad-accum-steps, or gradient checkpointing") from None
+                                f"--grad-accum-steps, --grad-checkpointing, or on the CPU --release-memory") from None
         raise
     finally:
         checkpointer.close()
