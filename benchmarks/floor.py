@@ -17,10 +17,13 @@ the activation gradients through every block but computes no weight gradients.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import open_clip
@@ -30,7 +33,7 @@ from torch import nn
 
 import peftclip.models  # noqa: F401  (registers the peftclip-tiny config with open_clip)
 
-__all__ = ["PRECISIONS", "STRATEGIES", "create_floor_step", "floor_throughput", "main"]
+__all__ = ["PRECISIONS", "STRATEGIES", "create_floor_step", "floor_throughput", "main", "run_floor"]
 
 # Parameter names of open_clip's CLIP text tower (the vision tower lives under `visual.`).
 _TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     results = []
     for strategy in args.strategies:
@@ -215,7 +219,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{strategy}: {result['images_per_second']:.1f} images/s "
               f"({args.model}, batch {args.batch_size}, {args.threads} threads, {args.precision})", flush=True)
         results.append(result)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def run_floor(model_name: str, strategy: str, *, batch_size: int, steps: int, threads: int, workdir: Path,
+              warmup: int = 2, precision: str = "fp32") -> dict:
+    """`floor_throughput` in a process of its own (as the trainers run), with its peak RSS added."""
+    from benchmarks.process import run_measured, thread_env
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / f"floor-{strategy}.json"
+    cmd = [sys.executable, "-m", "benchmarks.floor", "--model", model_name, "--strategies", strategy,
+           "--batch-size", str(batch_size), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
+           "--precision", precision, "--json", str(out)]
+    run = run_measured(cmd, env=thread_env(threads), cwd=Path(__file__).resolve().parents[1])
+    if run.returncode != 0:
+        tail = "\n".join(run.stderr.splitlines()[-20:])
+        raise RuntimeError(f"floor {strategy} failed (exit {run.returncode}):\n{tail}")
+    return {**json.loads(out.read_text())[0], "max_rss_bytes": run.max_rss_bytes}
 
 
 if __name__ == "__main__":

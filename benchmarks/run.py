@@ -6,7 +6,7 @@
 Measures, on the same machine in one run: training images/s of peftclip's recipe against
 `python -m open_clip_train.main` on the same CSV, batch, precision, threads and steps
 (median of several runs, the tools alternating); each strategy's fraction of its compute
-floor; peak memory (whole-process max RSS) per strategy; adapter file sizes; inference
+floor, measured the same way; peak memory (whole-process max RSS) per strategy; adapter file sizes; inference
 (adapter switch against reload, merged and unmerged against the bare base); the data
 pipeline alone; and the feature cache. Writes `results/suite-<mode>.json`, `.md` and
 `.png`, and puts the table and plot into `benchmarks/README.md`.
@@ -42,7 +42,11 @@ COMPARISONS = {
     "freeze vision vs --lock-image": ("freeze_vision", True),
     "LoRA (attn+MLP, r=8) vs full fine-tune": ("lora", False),
 }
-STRATEGIES = ("full", "freeze_vision", "lora", "lora_grad_checkpointing", "projections", "text_prompt")
+# peftclip strategy (benchmarks/training.py) -> the compute floor it is held against (benchmarks/floor.py)
+FLOOR_OF = {"full": "full", "freeze_vision": "freeze_vision", "lora": "lora",
+            "lora_grad_checkpointing": "lora_grad_checkpointing",
+            "lora_grad_checkpointing_release_memory": "lora_grad_checkpointing",
+            "projections": "projections", "text_prompt": "text_prompt"}
 
 
 @dataclass(frozen=True)
@@ -68,78 +72,71 @@ MODES = {
 }
 
 
-def compare_trainers(settings: Settings, csv_path: Path, workdir: Path, progress: tqdm) -> dict:
-    """peftclip and open_clip_train runs for every comparison, alternating which tool goes first."""
+def _run_job(settings: Settings, csv_path: Path, folder: Path, tool: str, what: str | bool) -> tuple[str, dict]:
+    """One measured process: open_clip_train (`what`: lock the image tower), the recipe or a floor."""
+    common = {"batch_size": settings.batch_size, "steps": settings.steps, "threads": settings.threads}
+    if tool == "open_clip":
+        return ("open_clip lock_image" if what else "open_clip full"), run_open_clip_train(
+            settings.model, csv_path, precision=PRECISIONS[settings.precision][1], workers=settings.workers,
+            lock_image=what, workdir=folder, **common)
+    if tool == "peftclip":
+        return f"peftclip {what}", run_peftclip(settings.model, csv_path, what, workers=settings.workers,
+                                                workdir=folder, precision=settings.precision, **common)
+    return f"floor {what}", floor.run_floor(settings.model, what, workdir=folder, precision=settings.precision,
+                                            **{**common, "steps": max(settings.steps - 2, 1)})
+
+
+def measure_training(settings: Settings, csv_path: Path, workdir: Path, progress: tqdm) -> dict[str, list[dict]]:
+    """Every training process of the suite, `repeats` times each, alternating the order every repeat so
+    that a machine slowing down or speeding up affects every tool alike."""
+    jobs = [("open_clip", False), ("open_clip", True), *(("peftclip", s) for s in FLOOR_OF),
+            *(("floor", s) for s in floor.STRATEGIES)]
     runs: dict[str, list[dict]] = {}
-    jobs = [("open_clip", False), ("open_clip", True)] + [("peftclip", s) for s, _ in COMPARISONS.values()]
     for repeat in range(settings.repeats):
         for tool, what in (jobs if repeat % 2 == 0 else jobs[::-1]):
-            folder = workdir / f"{tool}-{what}-{repeat}"
-            if tool == "open_clip":
-                key = "open_clip lock_image" if what else "open_clip full"
-                result = run_open_clip_train(settings.model, csv_path, batch_size=settings.batch_size,
-                                             steps=settings.steps, precision=PRECISIONS[settings.precision][1],
-                                             threads=settings.threads, workers=settings.workers, lock_image=what,
-                                             workdir=folder)
-            else:
-                key = f"peftclip {what}"
-                result = run_peftclip(settings.model, csv_path, what, batch_size=settings.batch_size,
-                                      steps=settings.steps, threads=settings.threads, workers=settings.workers,
-                                      workdir=folder, precision=settings.precision)
+            key, result = _run_job(settings, csv_path, workdir / f"{repeat}-{tool}-{what}", tool, what)
             runs.setdefault(key, []).append(result)
             progress.update(1)
-    median = {key: statistics.median(r["images_per_second"] for r in results) for key, results in runs.items()}
-    pairs = {}
+    return runs
+
+
+def summarize_training(runs: dict[str, list[dict]], workdir: Path) -> dict:
+    """Medians per tool and strategy: the open_clip comparisons, and per strategy speed, floor, memory, file."""
+    def median(key: str, field_name: str) -> float:
+        return statistics.median(r[field_name] for r in runs[key])
+
+    comparisons = {}
     for name, (strategy, lock) in COMPARISONS.items():
-        ours, theirs = median[f"peftclip {strategy}"], median["open_clip lock_image" if lock else "open_clip full"]
-        pairs[name] = {"peftclip_images_per_second": ours, "open_clip_images_per_second": theirs,
-                       "ratio": ours / theirs}
-    return {"runs": runs, "median_images_per_second": median, "comparisons": pairs}
-
-
-def measure_memory_and_size(settings: Settings, csv_path: Path, workdir: Path, training: dict,
-                            progress: tqdm) -> dict:
-    """Peak RSS and adapter size per strategy; reuses the comparison runs where they cover a strategy."""
-    rows = {}
-    for strategy in STRATEGIES:
-        runs = training["runs"].get(f"peftclip {strategy}")
-        if runs is None:
-            runs = [run_peftclip(settings.model, csv_path, strategy, batch_size=settings.batch_size,
-                                 steps=settings.steps, threads=settings.threads, workers=settings.workers,
-                                 workdir=workdir / f"memory-{strategy}", precision=settings.precision)]
-            progress.update(1)
-        rows[strategy] = {"max_rss_bytes": statistics.median(r["max_rss_bytes"] for r in runs),
-                          "images_per_second": statistics.median(r["images_per_second"] for r in runs),
-                          "artifact_bytes": runs[0]["artifact_bytes"],
-                          "trainable_parameters": runs[0]["trainable_parameters"],
-                          "adapter_dir": runs[0]["adapter_dir"]}
-    lora = Path(rows["lora"]["adapter_dir"]) / "adapter_model.safetensors"
+        ours, theirs = median(f"peftclip {strategy}", "images_per_second"), median(
+            "open_clip lock_image" if lock else "open_clip full", "images_per_second")
+        comparisons[name] = {"peftclip_images_per_second": ours, "open_clip_images_per_second": theirs,
+                             "ratio": ours / theirs}
+    strategies = {}
+    for strategy, floor_strategy in FLOOR_OF.items():
+        ours = runs[f"peftclip {strategy}"][0]
+        strategies[strategy] = {
+            "images_per_second": median(f"peftclip {strategy}", "images_per_second"),
+            "floor_images_per_second": median(f"floor {floor_strategy}", "images_per_second"),
+            "max_rss_bytes": median(f"peftclip {strategy}", "max_rss_bytes"),
+            "floor_max_rss_bytes": median(f"floor {floor_strategy}", "max_rss_bytes"),
+            "artifact_bytes": ours["artifact_bytes"], "trainable_parameters": ours["trainable_parameters"]}
+    lora = Path(runs["peftclip lora"][0]["adapter_dir"]) / "adapter_model.safetensors"
     bf16 = workdir / "lora-bf16.safetensors"  # what --save-dtype bf16 writes
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(lora).items()}, bf16)
-    rows["lora"]["artifact_bytes_bf16"] = bf16.stat().st_size
-    return rows
-
-
-def measure_floor(settings: Settings, progress: tqdm) -> dict:
-    """The compute floor's images/s per strategy."""
-    results = {}
-    for strategy in floor.STRATEGIES:
-        results[strategy] = floor.floor_throughput(settings.model, strategy, batch_size=settings.batch_size,
-                                                   steps=max(settings.steps - 2, 1), threads=settings.threads,
-                                                   precision=settings.precision)["images_per_second"]
-        progress.update(1)
-    return results
+    strategies["lora"]["artifact_bytes_bf16"] = bf16.stat().st_size
+    return {"comparisons": comparisons, "strategies": strategies,
+            "open_clip": {key.removeprefix("open_clip "): median(key, "images_per_second")
+                          for key in ("open_clip full", "open_clip lock_image")}}
 
 
 def run_suite(settings: Settings, csv_path: Path, workdir: Path) -> dict:
     """Every measurement of the suite, as one JSON-able dict."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"benchmark data not found: {csv_path} (see ../shared/data/README.md)")
-    total = 5 * settings.repeats + 3 + len(floor.STRATEGIES) + 3
+    total = settings.repeats * (2 + len(FLOOR_OF) + len(floor.STRATEGIES)) + 3
     with tqdm(total=total, desc="benchmark runs") as progress:
-        training = compare_trainers(settings, csv_path, workdir / "train", progress)
-        memory = measure_memory_and_size(settings, csv_path, workdir / "train", training, progress)
-        floors = measure_floor(settings, progress)
+        runs = measure_training(settings, csv_path, workdir / "train", progress)
+        training = summarize_training(runs, workdir)
         loader = loader_throughput(settings.model, csv_path, batch_size=settings.batch_size,
                                    workers=settings.workers, batches=8, threads=settings.threads)
         progress.update(1)
@@ -148,8 +145,11 @@ def run_suite(settings: Settings, csv_path: Path, workdir: Path) -> dict:
         cache = feature_cache.main(["--model", settings.model, "--images", str(settings.feature_cache_images),
                                     "--epochs", "2", "--out", str(workdir / "feature_cache")])
         progress.update(1)
-    return {"settings": asdict(settings), "machine": _machine(), "data": str(csv_path), "training": training,
-            "memory": memory, "floor": floors, "loader": loader, "inference": infer, "feature_cache": cache}
+    for results in runs.values():  # keep every figure but the temporary folders
+        for result in results:
+            result.pop("adapter_dir", None)
+    return {"settings": asdict(settings), "machine": _machine(), "data": str(csv_path), "runs": runs,
+            "training": training, "loader": loader, "inference": infer, "feature_cache": cache}
 
 
 def _machine() -> dict:

@@ -30,6 +30,7 @@ STRATEGIES: dict[str, list[str]] = {
     "freeze_vision": ["--no-lora", "--freeze", "vision"],
     "lora": LORA_FLAGS,
     "lora_grad_checkpointing": [*LORA_FLAGS, "--grad-checkpointing"],
+    "lora_grad_checkpointing_release_memory": [*LORA_FLAGS, "--grad-checkpointing", "--release-memory"],
     "projections": ["--no-lora", "--projections"],
     # Unaugmented images, so the frozen image tower's features are cached before training.
     "text_prompt": ["--no-lora", "--text-prompt", "--no-augment"],

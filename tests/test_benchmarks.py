@@ -34,9 +34,11 @@ def test_suite_quick_smallest_case(tmp_path):
     result = run.main(argv)
     comparisons = result["training"]["comparisons"]
     assert set(comparisons) == set(run.COMPARISONS) and all(row["ratio"] > 0 for row in comparisons.values())
-    assert set(result["memory"]) == set(run.STRATEGIES) and set(result["floor"]) >= set(run.STRATEGIES)
-    assert all(row["max_rss_bytes"] > 50e6 and row["artifact_bytes"] > 0 for row in result["memory"].values())
-    assert result["memory"]["lora"]["artifact_bytes_bf16"] < result["memory"]["lora"]["artifact_bytes"]
+    rows = result["training"]["strategies"]
+    assert set(rows) == set(run.FLOOR_OF) and all(len(r) == 1 for r in result["runs"].values())
+    assert all(row["max_rss_bytes"] > 50e6 and row["floor_images_per_second"] > 0 and row["artifact_bytes"] > 0
+               for row in rows.values())
+    assert rows["lora"]["artifact_bytes_bf16"] < rows["lora"]["artifact_bytes"]
     assert {t["target"] for t in result["targets"]} >= {"LoRA training vs open_clip's full fine-tune",
                                                          "merged LoRA inference vs bare base"}
     saved = json.loads((tmp_path / "results" / "suite-quick.json").read_text())
