@@ -385,26 +385,28 @@ class AdaptedCLIP:
 
     @torch.no_grad()
     def classify(self, images: ImageInput, class_names: Sequence[str] | None = None,
-                 templates: Sequence[str] = DEFAULT_TEMPLATES, adapter: str | None = ACTIVE,
+                 templates: Sequence[str] | None = None, adapter: str | None = ACTIVE,
                  batch_size: int = 64) -> torch.Tensor:
         """(N, n_classes) class probabilities of images.
 
         Zero-shot against `class_names` filled into `templates`, through the adapter's text
-        tower; an adapter with a classification head uses its head instead when `class_names`
-        is None or names the classes it was trained on.
+        tower; an adapter with a classification head uses its head for the classes it was
+        trained on. Class names and templates default to those the adapter was trained with
+        (the classify recipe records them), else templates to DEFAULT_TEMPLATES.
         """
         with self._using(adapter):
-            name = self.active_adapter
-            record = self._attached.get(name) if name is not None else None
-            trained = (record.saved.metadata.get("training", {}).get("class_names") if record else None)
-            if (record is not None and CLASSIFIER_NAME in record.modules
-                    and (class_names is None or list(class_names) == trained)):
+            record = self._attached.get(self.active_adapter) if self.active_adapter is not None else None
+            training = record.saved.metadata.get("training", {}) if record else {}
+            trained_names = training.get("class_names")
+            class_names = list(class_names) if class_names is not None else trained_names
+            if not class_names:
+                raise ValueError("give class_names (this adapter records none it was trained on)")
+            if record is not None and CLASSIFIER_NAME in record.modules and class_names == trained_names:
                 head = classifier(self.model)
                 logits = _batched(images, batch_size, "images", lambda chunk: head(self._image_batch(chunk)))
                 return logits.softmax(dim=-1)
-            if not class_names:
-                raise ValueError("give class_names (this adapter has no classification head)")
-            return self._zero_shot(images, list(class_names), list(templates), batch_size).softmax(dim=-1)
+            templates = list(templates or training.get("classify", {}).get("templates") or DEFAULT_TEMPLATES)
+            return self._zero_shot(images, class_names, templates, batch_size).softmax(dim=-1)
 
     def _zero_shot(self, images: ImageInput, class_names: list[str], templates: list[str],
                    batch_size: int) -> torch.Tensor:

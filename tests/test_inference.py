@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import open_clip
 import pytest
@@ -205,6 +207,20 @@ def test_classify_uses_a_trained_head_for_its_classes(zoo):
     assert other.shape == (3, 2)
     with pytest.raises(ValueError, match="give class_names"):
         clip.classify(images, adapter=None)
+
+
+def test_classify_defaults_to_the_classes_and_templates_an_adapter_was_trained_with(zoo, tmp_path):
+    folder = tmp_path / "coop"
+    shutil.copytree(zoo["text_prompt"][0], folder)
+    metadata = json.loads((folder / "peftclip_config.json").read_text())
+    metadata["training"] = {"class_names": CLASS_NAMES, "classify": {"templates": ["a {} shape."]}}
+    (folder / "peftclip_config.json").write_text(json.dumps(metadata))
+    clip = _attached(zoo)
+    clip.add_adapter("coop", folder)
+    images = image_batch(clip.model, n=2)
+    want = clip.classify(images, CLASS_NAMES, templates=["a {} shape."])
+    assert torch.allclose(clip.classify(images), want, atol=1e-6)
+    assert not torch.allclose(clip.classify(images, CLASS_NAMES, templates=["a photo of a {}."]), want, atol=1e-4)
 
 
 @pytest.fixture
