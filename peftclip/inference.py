@@ -38,9 +38,9 @@ from .adapters.prompts import (
 )
 from .data import decode_image
 from .hub import resolve_adapter
+from .index import default_index_path, image_index
 from .io import AdapterError, SavedAdapter, read_adapter
 from .models import BaseModel
-from .index import default_index_path, image_index
 from .utils import write_safetensors_atomic
 
 __all__ = ["ACTIVE", "AdaptedCLIP", "export_open_clip_state_dict"]
