@@ -9,12 +9,12 @@ Writes benchmarks/results/feature_cache-<model>.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import write_results
 from peftclip.adapters import AdapterSpec, PartialConfig, TextPromptConfig, apply_strategy
 from peftclip.cache import FeatureCache, cache_frozen_towers
 from peftclip.data import DataConfig, TrainPairs, load_pairs
@@ -67,15 +67,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"(built in {build:.2f} s): {plain / cached:.1f}x", flush=True)
     result = {"model": args.model, "images": len(pairs.images), "epochs": args.epochs,
               "threads": torch.get_num_threads(), "strategies": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"feature_cache-{args.model}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Feature cache, {args.model} (random weights), {len(pairs.images)} images, batch 32, "
              f"{torch.get_num_threads()} threads, CPU", "",
              "| strategy | uncached s/epoch | cached s/epoch | cache build s | speed-up |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {n} | {r['uncached_s_per_epoch']:.3f} | {r['cached_s_per_epoch']:.4f} | {r['cache_build_s']:.2f} "
               f"| {r['speedup']:.1f}x |" for n, r in rows.items()]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, f"feature_cache-{args.model}", result, "\n".join(lines))
     return result
 
 

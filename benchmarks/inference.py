@@ -13,16 +13,16 @@ machine slows them alike.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.process import median_seconds
+from benchmarks.report import write_results
 from peftclip.adapters import AdapterSpec, LoraConfig, PartialConfig, apply_strategy
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, save_adapter
@@ -36,15 +36,6 @@ ADAPTERS = {
     "projections_last2": AdapterSpec(partial=PartialConfig(projections=True, last_blocks=2)),
 }
 SWITCHES = (("lora_a", "lora_b"), ("lora_a", "projections_last2"), ("lora_a", None))
-
-
-def _median_seconds(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _make_adapters(config: BaseConfig, folder: Path) -> dict[str, Path]:
@@ -72,8 +63,8 @@ def measure_switching(config: BaseConfig, folders: dict[str, Path], repeats: int
         def switch_twice(first=first, second=second):
             clip.set_adapter(first)
             clip.set_adapter(second)
-        switches[f"{first} <-> {second or 'base'}"] = _median_seconds(switch_twice, repeats) / 2
-    reload = _median_seconds(lambda: load_adapter(load_base(config), folders["lora_a"]), max(repeats // 10, 3))
+        switches[f"{first} <-> {second or 'base'}"] = median_seconds(switch_twice, repeats) / 2
+    reload = median_seconds(lambda: load_adapter(load_base(config), folders["lora_a"]), max(repeats // 10, 3))
     return {"switch_seconds": switches, "reload_seconds": reload,
             "reload_over_switch": reload / max(switches.values())}
 
@@ -141,10 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown results")
     args = parser.parse_args(argv)
     result = run(args.model, args.batch_size, args.rounds, args.switch_repeats, args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"inference-{args.model}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(format_table(result) + "\n")
+    write_results(args.out, f"inference-{args.model}", result, format_table(result))
     print(format_table(result))
     return result
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "Measured", "run_measured", "thread_env"]
+__all__ = ["REPO_ROOT", "Measured", "median_seconds", "run_measured", "thread_env"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,3 +140,19 @@ def _wait(proc: subprocess.Popen, cmd: list[str], timeout: float | None) -> None
         if isinstance(e, subprocess.TimeoutExpired):
             raise subprocess.TimeoutExpired(cmd, timeout) from e
         raise
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 0) -> float:
+    """Median wall seconds of `repeats` calls of `run`, after `warmup` untimed calls.
+
+    >>> median_seconds(lambda: None, repeats=3) < 1
+    True
+    """
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from peftclip.utils import human_size
 
-__all__ = ["check_targets", "render_markdown", "render_plot", "update_readme"]
+__all__ = ["check_targets", "render_markdown", "render_plot", "update_readme", "write_results"]
 
 MB = 1_000_000
 # Strategies whose training reads images through the data pipeline (text_prompt reads cached features).
@@ -146,3 +147,10 @@ def update_readme(readme: Path, mode: str, report: str) -> None:
     else:
         text = text.rstrip() + f"\n\n## Suite: {mode}\n\n{section}\n"
     readme.write_text(text)
+
+
+def write_results(out: Path, stem: str, result: dict, table: str) -> None:
+    """Write `result` as `<out>/<stem>.json` and `table` as `<out>/<stem>.md`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
