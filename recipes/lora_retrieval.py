@@ -37,7 +37,6 @@ from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
 from peftclip.recipe import recipe_parser, run_recipe
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
-from peftclip.utils import cache_root
 from peftclip.train import (
     TrainConfig,
     evaluate_retrieval,
@@ -46,6 +45,7 @@ from peftclip.train import (
     result_fingerprint,
     train,
 )
+from peftclip.utils import cache_root
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig, "lora": LoraConfig,
             "partial": PartialConfig, "text_prompt": TextPromptConfig, "visual_prompt": VisualPromptConfig,

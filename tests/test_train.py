@@ -155,8 +155,8 @@ def test_out_of_memory_becomes_a_one_line_hint(tmp_path):
     def exhausted(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    with pytest.raises(TrainingError, match=r"^out of memory at batch_size=8: try a smaller --batch-size, "
-                                            r"--grad-accum-steps, --grad-checkpointing, or on the CPU --release-memory$"):
+    hint = r"^out of memory at batch_size=8: try a smaller --batch-size, --grad-accum-steps, --grad-checkpointing, "
+    with pytest.raises(TrainingError, match=hint + r"or on the CPU --release-memory$"):
         train(model, data, config, create_accelerator(config), compute_loss=exhausted)
 
 

@@ -123,7 +123,8 @@ def tower_blocks_path(model: nn.Module, tower: str) -> str:
         except AttributeError:
             continue
         return path
-    raise ValueError(f"{type(model).__name__} has no {tower} transformer blocks (looked for {', '.join(TOWERS[tower])})")
+    looked = ", ".join(TOWERS[tower])
+    raise ValueError(f"{type(model).__name__} has no {tower} transformer blocks (looked for {looked})")
 
 
 def lora_parameter_count(model: nn.Module, config: LoraConfig) -> int:
