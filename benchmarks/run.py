@@ -15,7 +15,6 @@ pipeline alone; and the feature cache. Writes `results/suite-<mode>.json`, `.md`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,14 +23,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from benchmarks import feature_cache, floor, inference
 from benchmarks.open_clip_trainer import run_open_clip_train
-from benchmarks.report import check_targets, render_markdown, render_plot, update_readme
+from benchmarks.report import check_targets, render_markdown, render_plot, update_readme, write_results
 from benchmarks.training import PRECISIONS, loader_throughput, run_peftclip
 from peftclip.config import add_config_arguments
+from peftclip.io import save_adapter_weights
 
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent / "README.md"
@@ -122,7 +122,7 @@ def summarize_training(runs: dict[str, list[dict]], workdir: Path) -> dict:
             "artifact_bytes": ours["artifact_bytes"], "trainable_parameters": ours["trainable_parameters"]}
     lora = Path(runs["peftclip lora"][0]["adapter_dir"]) / "adapter_model.safetensors"
     bf16 = workdir / "lora-bf16.safetensors"  # what --save-dtype bf16 writes
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(lora).items()}, bf16)
+    save_adapter_weights(load_file(lora), bf16, "bf16")
     strategies["lora"]["artifact_bytes_bf16"] = bf16.stat().st_size
     return {"comparisons": comparisons, "strategies": strategies,
             "open_clip": {key.removeprefix("open_clip "): median(key, "images_per_second")
@@ -154,7 +154,7 @@ def run_suite(settings: Settings, csv_path: Path, workdir: Path) -> dict:
 
 def _machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "cpu_count": torch.get_num_threads()}
+            "torch": torch.__version__, "cpu_count": os.cpu_count()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -177,11 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["command"] = command
     result["targets"] = check_targets(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"suite-{mode}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot = render_plot(result, stem.with_suffix(".png"))
+    plot = render_plot(result, args.out / f"suite-{mode}.png")
     report = render_markdown(result, plot=plot.name)
-    stem.with_suffix(".md").write_text(report + "\n")
+    write_results(args.out, f"suite-{mode}", result, report)
     if not args.no_readme:
         update_readme(args.readme, mode, render_markdown(result, plot=os.path.relpath(plot, args.readme.parent)))
     print(report)

@@ -37,6 +37,7 @@ __all__ = [
     "read_adapter",
     "read_metadata",
     "save_adapter",
+    "save_adapter_weights",
     "save_metrics",
 ]
 
@@ -64,6 +65,27 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def _check_save_dtype(save_dtype: str) -> None:
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype={save_dtype!r}; choose from {sorted(SAVE_DTYPES)}")
+
+
+def save_adapter_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                         save_dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """Write adapter `tensors` as the safetensors file of an adapter folder, floating-point ones in `save_dtype`.
+
+    Returns the tensors as written.
+
+    >>> save_adapter_weights({"w": torch.ones(2)}, "/tmp/a.safetensors", "bf16")["w"].dtype
+    torch.bfloat16
+    """
+    _check_save_dtype(save_dtype)
+    state = {k: v.to(SAVE_DTYPES[save_dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(state, path, metadata={"format": "pt"})
+    os.chmod(path, default_mode())  # safetensors writes 0600
+    return state
+
+
 def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dict[str, Any],
                  strategy: dict[str, Any], training: dict[str, Any] | None = None,
                  adapter_name: str = "default", save_dtype: str = "fp32") -> Path:
@@ -84,17 +106,13 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
         adapter_name: which PEFT adapter to save.
         save_dtype: one of SAVE_DTYPES; "bf16" or "fp16" halve the file (floating-point tensors only).
     """
-    if save_dtype not in SAVE_DTYPES:
-        raise ValueError(f"save_dtype={save_dtype!r}; choose from {sorted(SAVE_DTYPES)}")
+    _check_save_dtype(save_dtype)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     os.chmod(tmp, default_mode(directory=True))  # mkdtemp creates 0700
     try:
-        state = {k: v.to(SAVE_DTYPES[save_dtype]) if v.is_floating_point() else v
-                 for k, v in adapter_tensors(model, adapter_name).items()}
-        save_file(state, tmp / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
-        os.chmod(tmp / SAFETENSORS_WEIGHTS_NAME, default_mode())  # safetensors writes 0600
+        state = save_adapter_weights(adapter_tensors(model, adapter_name), tmp / SAFETENSORS_WEIGHTS_NAME, save_dtype)
         if isinstance(model, peft.PeftModel):
             peft_config = copy.deepcopy(model.peft_config[adapter_name])
             peft_config.inference_mode = True
