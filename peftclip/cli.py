@@ -7,6 +7,7 @@ commands that take an adapter load the base it names, or the bare base from --mo
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import sys
@@ -23,6 +24,7 @@ from .index import list_images
 from .inference import AdaptedCLIP
 from .io import METRICS_NAME, SAFETENSORS_WEIGHTS_NAME, read_metadata
 from .models import BaseConfig, load_base
+from .recipes import RECIPES
 from .utils import human_size, write_safetensors_atomic
 
 __all__ = ["build_parser", "main"]
@@ -161,15 +163,18 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
-    """Run a recipe file (or a name under ./recipes) with the remaining arguments."""
-    path = Path(args.recipe)
-    if not path.is_file():
-        path = Path("recipes") / f"{args.recipe.removesuffix('.py')}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe not found: {args.recipe} (give a recipe file, or a name in ./recipes)")
-    spec = importlib.util.spec_from_file_location(f"peftclip_recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """Run a recipe shipped in `peftclip.recipes` (by name) or a recipe file, with the remaining arguments."""
+    name = args.recipe.removesuffix(".py")
+    if name in RECIPES:
+        module = importlib.import_module(f"peftclip.recipes.{name}")
+    else:
+        path = Path(args.recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {args.recipe} (give a recipe file, or one of "
+                                    f"{', '.join(RECIPES)})")
+        spec = importlib.util.spec_from_file_location(f"peftclip_recipe_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     module.main(rest)
 
 
@@ -209,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a recipe; flags after the recipe go to it (see RECIPE --help)")
-    train.add_argument("recipe", help="recipe file, or a name in ./recipes (e.g. lora_retrieval, classify)")
+    train.add_argument("recipe", help=f"a recipe name ({', '.join(RECIPES)}) or a recipe file")
     info = sub.add_parser("info", help="show an adapter's base, strategy, size and metrics")
     info.add_argument("adapter", help="adapter folder or Hub repo id (namespace/name)")
     info.add_argument("--revision", help="Hub revision of a repo id")

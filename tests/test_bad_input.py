@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from recipes import lora_retrieval
+from peftclip.recipes import lora_retrieval
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def test_cache_is_reused_and_kept_on_disk(tmp_path, pairs, monkeypatch):
 
 
 def test_cached_linear_probe_matches_uncached(tmp_path):
-    from recipes import classify
+    from peftclip.recipes import classify
     source = make_shapes_dataset(tmp_path / "shapes", n_images=40) / "labels.csv"
     runs = {}
     for cached in (False, True):

@@ -221,7 +221,7 @@ def _table(text: str) -> dict[str, list[float]]:
 @pytest.mark.parametrize("recipe", ["lora_retrieval", "classify"])
 def test_eval_defaults_to_the_adapters_own_held_out_data_and_reproduces_its_metrics(recipe, shapes, tmp_path,
                                                                                     capsys):
-    from recipes import classify, lora_retrieval
+    from peftclip.recipes import classify, lora_retrieval
     module, source = {"lora_retrieval": (lora_retrieval, shapes), "classify": (classify, shapes / "labels.csv")}[recipe]
     out = tmp_path / "adapter"
     metrics = module.main(["--source", str(source), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "8",

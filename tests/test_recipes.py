@@ -11,7 +11,7 @@ import pytest
 
 from peftclip.io import load_adapter, read_metadata
 from peftclip.models import load_base
-from recipes import lora_retrieval
+from peftclip.recipes import lora_retrieval
 from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ CLASSIFY_FLAGS = {
 
 @pytest.mark.parametrize("case", list(CLASSIFY_FLAGS))
 def test_classify_recipe_reports_three_accuracies_and_reloads(tmp_path, shapes, case):
-    from recipes import classify
+    from peftclip.recipes import classify
     out = tmp_path / case
     metrics = classify.main(["--source", str(shapes / "labels.csv"), "--output-dir", str(out), "--max-steps", "2",
                              "--batch-size", "16", "--num-workers", "0", "--val-fraction", "0.25",
@@ -95,7 +95,7 @@ def test_classify_recipe_reports_three_accuracies_and_reloads(tmp_path, shapes, 
 
 
 def test_classify_recipe_runs_on_shared_cifar10(tmp_path):
-    from recipes import classify
+    from peftclip.recipes import classify
     source = SHARED_DATA / "cifar10"
     if not source.is_dir():
         pytest.skip(f"shared data missing: {source}")
