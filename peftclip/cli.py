@@ -10,22 +10,19 @@ import argparse
 import importlib
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .adapters.heads import DEFAULT_TEMPLATES
-from .data import DataConfig, EvalImages, eval_texts, load_labelled, load_pairs
-from .evaluate import classification_accuracy, retrieval_recall
-from .hub import push_to_hub, resolve_adapter
-from .index import list_images
-from .inference import AdaptedCLIP
-from .io import METRICS_NAME, SAFETENSORS_WEIGHTS_NAME, read_metadata
-from .models import BaseConfig, load_base
 from .recipes import RECIPES
-from .utils import human_size, write_safetensors_atomic
+
+# torch, open_clip, peft and datasets take seconds to import: each command imports what it needs,
+# so `peftclip --help` and `peftclip train NAME --help` stay fast.
+if TYPE_CHECKING:
+    from .data import DataConfig
+    from .inference import AdaptedCLIP
+    from .models import BaseConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -35,6 +32,8 @@ TASKS = ("retrieval", "classification")
 
 def _base_config(metadata: dict[str, Any], pretrained: str | None) -> BaseConfig:
     """The base an adapter names; a weights file must be passed, since only its hash was recorded."""
+    from .models import BaseConfig
+
     base = metadata["base"]
     if "weights_sha256" in base and pretrained is None:
         raise ValueError(f"the adapter was trained on weights file {base['pretrained']}; pass it with --pretrained")
@@ -44,6 +43,13 @@ def _base_config(metadata: dict[str, Any], pretrained: str | None) -> BaseConfig
 
 def _load(args: argparse.Namespace) -> tuple[AdaptedCLIP, dict[str, Any] | None]:
     """The base an adapter names with the adapter attached (and its metadata), or the bare base."""
+    import torch
+
+    from .hub import resolve_adapter
+    from .inference import AdaptedCLIP
+    from .io import read_metadata
+    from .models import BaseConfig, load_base
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.adapter is None:
         if not args.model_name:
@@ -56,8 +62,17 @@ def _load(args: argparse.Namespace) -> tuple[AdaptedCLIP, dict[str, Any] | None]
     return clip, metadata
 
 
+def _natural_key(name: str) -> list[Any]:
+    """Sort key that orders numbers inside names by value: R@1, R@5, R@10 (metrics.json stores keys sorted)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     """Show an adapter's base, strategy, size and metrics."""
+    from .hub import resolve_adapter
+    from .io import METRICS_NAME, SAFETENSORS_WEIGHTS_NAME, read_metadata
+    from .utils import human_size
+
     folder = resolve_adapter(args.adapter, args.revision)
     metadata = read_metadata(folder)
     size = (folder / SAFETENSORS_WEIGHTS_NAME).stat().st_size
@@ -71,12 +86,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         before, after = metrics.get("before", {}), metrics.get("after", {})
-        for key in after:
+        for key in sorted(after, key=_natural_key):
             print(f"metric:     {key}: {before.get(key, float('nan')):.2f} -> {after[key]:.2f}")
 
 
 def _eval_data(args: argparse.Namespace, metadata: dict[str, Any] | None) -> DataConfig:
     """The held-out data: the adapter's own training data and split, with any flag given overriding it."""
+    from .data import DataConfig
+
     recorded = dict((metadata or {}).get("training", {}).get("data", {}))
     flags = {"source": args.source, "image_column": args.image_column, "caption_column": args.caption_column,
              "label_column": args.label_column, "val_split": args.val_split, "val_fraction": args.val_fraction,
@@ -89,6 +106,10 @@ def _eval_data(args: argparse.Namespace, metadata: dict[str, Any] | None) -> Dat
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Retrieval recall or classification accuracy of the base, and of base + adapter, on held-out data."""
+    from .adapters.heads import DEFAULT_TEMPLATES
+    from .data import EvalImages, eval_texts, load_labelled, load_pairs
+    from .evaluate import classification_accuracy, retrieval_recall
+
     clip, metadata = _load(args)
     data = _eval_data(args, metadata)
     training = (metadata or {}).get("training", {})
@@ -116,6 +137,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> None:
     """Embed a folder of images and/or a file of texts (one per line) into one safetensors file."""
+    from .index import list_images
+    from .utils import write_safetensors_atomic
+
     if not args.images and not args.texts:
         raise ValueError("give --images FOLDER and/or --texts FILE")
     clip, _ = _load(args)
@@ -157,13 +181,15 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> None:
     """Upload an adapter folder with a generated model card."""
+    from .hub import push_to_hub
+
     url = push_to_hub(args.adapter, args.repo_id, private=args.private, revision=args.revision,
                       commit_message=args.message, license=args.license)
     print(f"pushed {args.adapter} -> {url}")
 
 
-def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
-    """Run a recipe shipped in `peftclip.recipes` (by name) or a recipe file, with the remaining arguments."""
+def cmd_train(args: argparse.Namespace) -> None:
+    """Run a recipe shipped in `peftclip.recipes` (by name) or a recipe file with the arguments after it."""
     name = args.recipe.removesuffix(".py")
     if name in RECIPES:
         module = importlib.import_module(f"peftclip.recipes.{name}")
@@ -175,7 +201,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
         spec = importlib.util.spec_from_file_location(f"peftclip_recipe_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    module.main(rest)
+    module.main(args.args)
 
 
 def _model_arguments(parser: argparse.ArgumentParser, bare_base: bool = True) -> None:
@@ -213,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run a recipe; flags after the recipe go to it (see RECIPE --help)")
-    train.add_argument("recipe", help=f"a recipe name ({', '.join(RECIPES)}) or a recipe file")
+    train = sub.add_parser("train", help="run a recipe; flags after the recipe go to it (see RECIPE --help)",
+                           description="Run a training recipe. Everything after the recipe's name goes to the "
+                           "recipe: `peftclip train lora_retrieval --help` lists its flags.")
+    train.add_argument("recipe", help=f"a shipped recipe ({', '.join(RECIPES)}) or a recipe file")
+    train.add_argument("args", nargs=argparse.REMAINDER, help="the recipe's own flags")
     info = sub.add_parser("info", help="show an adapter's base, strategy, size and metrics")
     info.add_argument("adapter", help="adapter folder or Hub repo id (namespace/name)")
     info.add_argument("--revision", help="Hub revision of a repo id")
@@ -245,21 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"info": cmd_info, "eval": cmd_eval, "embed": cmd_embed, "search": cmd_search, "merge": cmd_merge,
-            "push": cmd_push}
+COMMANDS = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "embed": cmd_embed, "search": cmd_search,
+            "merge": cmd_merge, "push": cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `peftclip` console script; returns the exit status."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            cmd_train(args, rest)
-        else:
-            COMMANDS[args.command](args)
+        COMMANDS[args.command](args)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

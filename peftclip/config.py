@@ -89,7 +89,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: typ
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        # argparse %-formats help strings (%(default)s); field help is plain text, so escape it here, once
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         kwargs = _argument_kwargs(hints[f.name], f.name)
         if "action" not in kwargs:
             kwargs["metavar"] = f.name.upper()
@@ -97,18 +98,37 @@ def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: typ
                            default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
+def _resolve_paths(values: dict[str, Any], cls: type, folder: Path) -> dict[str, Any]:
+    """`values` with each relative path of a field marked `metadata={"path": True}` read from `folder`.
+
+    A config file names its data and weights from where it lives, so it works from any working directory. A
+    value is taken as such a path when it exists in `folder` or starts with ./ or ../; anything else (a
+    pretrained tag, a Hub id, an absolute path) is kept as given. Output folders are not marked: like flags,
+    they stay relative to the working directory.
+    """
+    resolved = dict(values)
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name)
+        if not f.metadata.get("path") or not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        if value.startswith(("./", "../")) or (folder / value).exists():
+            resolved[f.name] = str(folder / value)
+    return resolved
+
+
 def parse_config(args: argparse.Namespace, sections: dict[str, type],
                  defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Build one dataclass per section from built-in `defaults`, `args.config`, then flags.
 
-    Each layer overrides the one before, field by field; unknown sections or fields are errors.
+    Each layer overrides the one before, field by field; unknown sections or fields are errors. Relative
+    paths in the config file are read from the file's folder (see `_resolve_paths`).
     """
     merged: dict[str, dict[str, Any]] = {s: dict((defaults or {}).get(s, {})) for s in sections}
     if getattr(args, "config", None):
         for section, values in load_config_file(args.config).items():
             if section not in sections:
                 raise ValueError(f"{args.config}: unknown section {section!r}; allowed: {', '.join(sections)}")
-            merged[section].update(values)
+            merged[section].update(_resolve_paths(values, sections[section], Path(args.config).parent))
     for key, value in vars(args).items():
         section, _, name = key.partition(".")
         if name and section in sections:

@@ -47,7 +47,7 @@ class DataConfig(ConfigMixin):
     source: str | None = field(default=None, metadata={
         "help": "Image folder (metadata.csv/jsonl beside the images, or split/class subfolders), a "
                 ".csv/.tsv/.jsonl/.json/.parquet/.arrow file or a glob of them, a folder of parquet files, "
-                "or a Hugging Face Hub dataset id 'user/name'."})
+                "or a Hugging Face Hub dataset id 'user/name'.", "path": True})
     image_column: str = field(default=_DEFAULT_IMAGE_COLUMN, metadata={
         "help": "Column of image paths (relative to the file's folder) or an Image feature; with the default, "
                 "a data set without that column uses its first Image feature (e.g. 'image')."})

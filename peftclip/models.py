@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +32,12 @@ class BaseConfig(ConfigMixin):
 
     model_name: str = field(
         default=TINY_MODEL,
-        metadata={"help": "open_clip architecture name (e.g. ViT-B-32), or a model config JSON file."},
+        metadata={"help": "open_clip architecture name (e.g. ViT-B-32), or a model config JSON file.", "path": True},
     )
     pretrained: str | None = field(
         default=None,
         metadata={"help": "open_clip pretrained tag (e.g. laion2b_s34b_b79k) or a local weights file; "
-                  "None gives random weights seeded by `init_seed`."},
+                  "None gives random weights seeded by `init_seed`.", "path": True},
     )
     init_seed: int = field(default=0, metadata={"help": "Seed of the random weights when `pretrained` is None."})
 
@@ -113,6 +115,27 @@ def describe_base(config: BaseConfig) -> dict[str, Any]:
     return info
 
 
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's 'No pretrained weights loaded ... initialized randomly': asked for, so not a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(pretrained: str | None):
+    """While creating a model with `pretrained=None`, filter that one record from the root logger open_clip uses."""
+    if pretrained is not None:
+        yield
+        return
+    notice = _RandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Set requires_grad=False on every parameter of `model` and return it."""
     for param in model.parameters():
@@ -137,9 +160,12 @@ def load_base(config: BaseConfig | None = None, device: str | torch.device = "cp
     if config.pretrained is None:
         torch.manual_seed(config.init_seed)
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=config.pretrained, device=device
-        )
+        with _quiet_random_init(config.pretrained):
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=config.pretrained, device=device,
+                # random weights means the HF text tower's too, not its Hub checkpoint
+                pretrained_text=config.pretrained is not None,
+            )
     except (OSError, RuntimeError) as e:
         raise RuntimeError(f"could not load {name} with pretrained={config.pretrained!r}: {e}") from e
     model.eval()

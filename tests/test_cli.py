@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +18,13 @@ from safetensors.torch import save_file
 
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.cli import main
+from peftclip.config import parse_config
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import SAFETENSORS_WEIGHTS_NAME, save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
+from peftclip.recipes import RECIPES
 from peftclip.synthetic import make_shapes_dataset
+from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,6 +76,51 @@ def test_help_explains_every_command(argv, capsys):
         assert "--images" in text or "--source" in text
 
 
+RECIPE_FLAGS = {"lora_retrieval": ["--r", "--lora-alpha", "--release-memory", "--source"],
+                "classify": ["--objective", "--templates", "--head", "--release-memory"]}
+RECIPE_ENTRY_POINTS = {
+    "script": lambda name: runpy.run_path(str(REPO / "recipes" / f"{name}.py"), run_name="__main__"),
+    "module": lambda name: runpy.run_module(f"peftclip.recipes.{name}", run_name="__main__", alter_sys=True),
+    "peftclip_train": lambda name: main(["train", name, "--help"]),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("entry", list(RECIPE_ENTRY_POINTS))
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy: the test imported it already
+def test_recipe_help_lists_its_own_flags(entry, name, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        RECIPE_ENTRY_POINTS[entry](name)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in RECIPE_FLAGS[name]), text
+    assert "{train,info" not in text  # the recipe's help, not peftclip's
+
+
+def test_train_help_lists_the_shipped_recipes(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "usage: peftclip train" in text and all(name in text for name in RECIPES) and "--lora-alpha" not in text
+
+
+def test_cli_and_its_help_do_not_import_torch():
+    code = ("import sys\nfrom peftclip.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'open_clip', 'peft', 'datasets') if m in sys.modules]\n"
+            "print(heavy, file=sys.stderr); sys.exit(bool(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_random_base_loads_without_the_expected_warning_and_keeps_others(caplog):
+    with caplog.at_level(logging.WARNING):
+        load_base()
+        assert not caplog.records
+        logging.warning("No pretrained weights loaded (a real one, outside load_base)")
+    assert len(caplog.records) == 1
+
+
 def test_console_script_is_installed():
     done = subprocess.run([Path(sys.executable).with_name("peftclip"), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "{train,info,eval,embed,search,merge,push}" in done.stdout
@@ -81,6 +132,14 @@ def test_info_shows_base_strategy_size_and_metrics(adapter, capsys):
     assert "model_name=peftclip-tiny" in text and "pretrained=tiny-0.safetensors" in text
     assert "lora: blocks=all" in text and "r=2" in text and "KB" in text
     assert "top1: 10.00 -> 42.00" in text
+
+
+def test_info_orders_recall_by_k(adapter, capsys):
+    save_metrics(adapter, {"before": {f"R@{k}": float(k) for k in (1, 10, 5)},
+                           "after": {f"R@{k}": float(k) for k in (10, 1, 5)}})
+    assert main(["info", str(adapter)]) == 0
+    keys = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("metric:")]
+    assert keys == ["R@1:", "R@5:", "R@10:"]
 
 
 def test_eval_reports_base_and_adapted_recall(adapter, shapes, weights_files, capsys):
@@ -96,6 +155,45 @@ def test_train_runs_a_recipe_by_name(tmp_path, shapes, monkeypatch):
             "--max-steps", "1", "--batch-size", "8", "--num-workers", "0"]
     assert main(argv) == 0
     assert (tmp_path / "out" / SAFETENSORS_WEIGHTS_NAME).is_file()
+
+
+def test_train_reads_config_paths_from_the_config_folder(tmp_path, monkeypatch):
+    """The shipped config, with its placeholder set to the shared data as a path relative to the config's folder."""
+    configs, run = tmp_path / "configs", tmp_path / "run"
+    configs.mkdir(), run.mkdir()
+    relative = os.path.relpath(SHARED_DATA / "flickr8k-800" / "captions.csv", configs)
+    text = (REPO / "recipes" / "configs" / "flickr8k.yaml").read_text()
+    assert "source: ./flickr8k/captions.csv" in text
+    (configs / "flickr8k.yaml").write_text(text.replace("./flickr8k/captions.csv", relative))
+    monkeypatch.chdir(run)
+    argv = ["train", "lora_retrieval", "--config", "../configs/flickr8k.yaml", "--max-steps", "2", "--epochs", "1",
+            "--batch-size", "8", "--num-workers", "0", "--max-val-images", "16"]
+    assert main(argv) == 0
+    assert (run / "outputs" / "lora_flickr8k" / SAFETENSORS_WEIGHTS_NAME).is_file()  # output_dir: from the cwd
+
+
+CONFIG_PATHS = {  # value in a config at tmp/configs/ -> what the field becomes (None: kept as given)
+    "./data.csv": "configs/data.csv",
+    "../data.csv": "configs/../data.csv",
+    "here.csv": "configs/here.csv",  # exists beside the config
+    "user/dataset": None,  # a Hub id
+    "/abs/data.csv": None,
+}
+
+
+@pytest.mark.parametrize("value", list(CONFIG_PATHS))
+def test_config_paths_are_relative_to_the_config_file(value, tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "here.csv").write_text("file_name,caption\n")
+    config = tmp_path / "configs" / "c.yaml"
+    config.write_text(f"data: {{source: {value}}}\nbase: {{pretrained: openai}}\ntrain: {{output_dir: out}}\n")
+    from peftclip.data import DataConfig
+    from peftclip.train import TrainConfig
+    parsed = parse_config(argparse.Namespace(config=str(config)),
+                          {"data": DataConfig, "base": BaseConfig, "train": TrainConfig})
+    expected = CONFIG_PATHS[value]
+    assert parsed["data"].source == (str(tmp_path / expected) if expected else value)
+    assert parsed["base"].pretrained == "openai" and parsed["train"].output_dir == "out"
 
 
 def _break(adapter: Path, kind: str) -> None:
