@@ -16,7 +16,7 @@ from typing import Any
 
 import huggingface_hub
 import open_clip
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 
@@ -29,15 +29,19 @@ from .io import (
     load_adapter,
     read_metadata,
 )
-from .models import BaseModel
+from .models import BaseModel, hub_base_model
 from .utils import human_size
 
-__all__ = ["create_model_card", "download_adapter", "hub_base_model", "load_adapter_from_hub", "prepare_push_folder",
-           "push_to_hub", "resolve_adapter"]
+__all__ = ["PIPELINE_TAGS", "create_model_card", "download_adapter", "hub_base_model", "load_adapter_from_hub",
+           "prepare_push_folder", "push_to_hub", "resolve_adapter"]
 
 ADAPTER_FILES = (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, METADATA_NAME, METRICS_NAME)
 CARD_NAME = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# open_clip's models carry zero-shot-image-classification on the Hub: right for an adapter trained on class
+# names. A retrieval adapter is used for its image and text embeddings (search, similarity), which is the
+# Hub's feature-extraction task, the one multimodal embedding models such as jinaai/jina-clip-v1 carry.
+PIPELINE_TAGS = {"classification": "zero-shot-image-classification", "retrieval": "feature-extraction"}
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -45,31 +49,71 @@ def _check_repo_id(repo_id: str) -> None:
         raise ValueError(f"invalid Hub repo id {repo_id!r}: expected 'namespace/name'")
 
 
-def hub_base_model(base: dict[str, Any]) -> str | None:
-    """The Hub repo id of an adapter's base, when open_clip knows one (an `hf-hub:` name or a pretrained tag)."""
-    name, tag = base["model_name"], base.get("pretrained")
-    if name.startswith("hf-hub:"):
-        return name.removeprefix("hf-hub:")
-    if tag is None or "weights_sha256" in base:
-        return None  # random init or a local weights file: not on the Hub
-    return open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "").strip("/") or None
+def _hub_dataset_id(source: str) -> str | None:
+    """`source` when it is a Hub dataset id ('user/name', no file extension, not a local path), else None."""
+    if _REPO_ID.match(source) and not Path(source).suffix and not Path(source).exists():
+        return source
+    return None
+
+
+def _shown_source(source: str) -> str:
+    """A data source as a card shows it: its Hub dataset id, or a local path's last name, never the path."""
+    return _hub_dataset_id(source) or Path(source).name
+
+
+def _base_license(base: dict[str, Any]) -> str | None:
+    """The license open_clip's pretrained config records for the base's tag, if it records one."""
+    if base.get("pretrained") is None or "weights_sha256" in base or base["model_name"].startswith("hf-hub:"):
+        return None
+    return open_clip.get_pretrained_cfg(base["model_name"], base["pretrained"]).get("license")
+
+
+def _eval_results(task: str, data: dict[str, Any], after: dict[str, Any]) -> list[EvalResult]:
+    """The adapted model's metrics as model-index results on its held-out data; none without a data source."""
+    source = data.get("source")
+    if not source:
+        return []
+    return [EvalResult(task_type=task, dataset_type=_shown_source(source), dataset_name=_shown_source(source),
+                       dataset_split=data.get("val_split"), metric_type=key, metric_name=key, metric_value=value)
+            for key, value in after.items() if isinstance(value, (int, float))]
+
+
+def _card_data(metadata: dict[str, Any], metrics: dict[str, Any], repo_id: str, license: str) -> ModelCardData:
+    """The card's YAML metadata: library, base, task, license, tags, datasets and the metrics' model-index."""
+    base, training = metadata["base"], metadata.get("training", {})
+    hub_id = hub_base_model(base)
+    # classification when trained on class names, as `peftclip eval` decides
+    task = PIPELINE_TAGS["classification" if "class_names" in training else "retrieval"]
+    data = training.get("data", {})
+    dataset_id = _hub_dataset_id(data["source"]) if data.get("source") else None
+    results = _eval_results(task, data, metrics.get("after", {}))
+    tags = ["peftclip", "peft", "open_clip", "clip", base["model_name"], *metadata["strategy"],
+            *([f"base_model:adapter:{hub_id}"] if hub_id else [])]
+    return ModelCardData(library_name="peftclip", base_model=hub_id, pipeline_tag=task,
+                         license=_base_license(base) or license, tags=tags,
+                         datasets=[dataset_id] if dataset_id else None,
+                         model_name=repo_id if results else None, eval_results=results or None)
 
 
 def create_model_card(adapter_dir: str | os.PathLike, repo_id: str, license: str = "apache-2.0") -> str:
-    """The Hub README.md of an adapter folder: front matter, base, strategy, training, size, metrics, usage.
+    """The Hub README.md of an adapter folder: `huggingface_hub` card metadata, then base, strategy, training,
+    size, metrics and usage. Local paths appear only by their last name.
+
+    Args:
+        adapter_dir: the adapter folder (validated first).
+        repo_id: the Hub repo the card is for, shown in the title and usage.
+        license: the card's license when open_clip records none for the base.
 
     >>> print(create_model_card("outputs/lora_retrieval", "me/shapes-lora"))  # doctest: +SKIP
     """
     adapter_dir = Path(adapter_dir)
     metadata = read_metadata(adapter_dir)
+    metrics_file = adapter_dir / METRICS_NAME
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     base, hub_id = metadata["base"], hub_base_model(metadata["base"])
-    front = {"library_name": "peftclip", **({"base_model": hub_id} if hub_id else {}),
-             "pipeline_tag": "zero-shot-image-classification",
-             "tags": ["peftclip", "open_clip", "clip", base["model_name"], *metadata["strategy"]], "license": license}
     described = f"**{base['model_name']}**" + (f" with pretrained weights `{base['pretrained']}`"
                                                 if base.get("pretrained") else " with random weights")
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo_id}", "",
-             f"A peftclip adapter for the open_clip model {described}.", "",
+    lines = [f"# {repo_id}", "", f"A peftclip adapter for the open_clip model {described}.", "",
              "## Base model", ""]
     lines += [f"- {key}: `{value}`" for key, value in base.items()]
     lines.append(_where_the_base_is(base, hub_id))
@@ -80,9 +124,10 @@ def create_model_card(adapter_dir: str | os.PathLike, repo_id: str, license: str
     size = (adapter_dir / SAFETENSORS_WEIGHTS_NAME).stat().st_size
     lines += ["", f"Trainable parameters: {metadata['trainable_parameters']:,}; adapter file: {human_size(size)} "
               f"({metadata.get('save_dtype', 'fp32')}).", ""]
-    lines += _metrics_section(adapter_dir)
+    lines += _metrics_section(metrics)
     lines += _usage_section(repo_id, base)
-    return "\n".join(lines)
+    card_data = _card_data(metadata, metrics or {}, repo_id, license)
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def _where_the_base_is(base: dict[str, Any], hub_id: str | None) -> str:
@@ -103,15 +148,13 @@ def _training_section(training: dict[str, Any]) -> list[str]:
     rows = [f"| {key} | `{settings[key]}` |" for key in _TRAINING_KEYS if settings.get(key) is not None]
     source = training.get("data", {}).get("source")
     if source:
-        rows.append(f"| data | `{Path(source).name}` |")
+        rows.append(f"| data | `{_shown_source(source)}` |")
     return ["", "## Training", "", "| setting | value |", "|---|---|", *rows] if rows else []
 
 
-def _metrics_section(adapter_dir: Path) -> list[str]:
-    path = adapter_dir / METRICS_NAME
-    if not path.is_file():
+def _metrics_section(metrics: dict[str, Any] | None) -> list[str]:
+    if metrics is None:
         return ["## Metrics", "", "No metrics were recorded.", ""]
-    metrics = json.loads(path.read_text())
     before, after = metrics.get("before", {}), metrics.get("after", {})
     rows = [f"| {key} | {before.get(key, float('nan')):.2f} | {value:.2f} |" for key, value in after.items()
             if isinstance(value, (int, float))]
@@ -144,13 +187,34 @@ def prepare_push_folder(adapter_dir: str | os.PathLike, dest: str | os.PathLike,
     return dest
 
 
+def _check_can_push(token: str | None) -> str:
+    """The token to push with; refuses at once when offline or not logged in, before any work or upload."""
+    if huggingface_hub.is_offline_mode():
+        raise OSError("offline (HF_HUB_OFFLINE=1): cannot push; unset HF_HUB_OFFLINE to upload")
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise PermissionError("not logged in: run `hf auth login` (huggingface_hub's CLI) or set HF_TOKEN")
+    return token
+
+
 def push_to_hub(adapter_dir: str | os.PathLike, repo_id: str, *, private: bool = False,
                 revision: str | None = None, commit_message: str | None = None, token: str | None = None,
                 license: str = "apache-2.0") -> str:
     """Upload an adapter folder with a generated model card; returns the commit URL.
 
+    Args:
+        adapter_dir: the adapter folder; only its adapter files and the card are uploaded.
+        repo_id: 'namespace/name'; created if absent.
+        private: create the repo as private.
+        revision: branch to push to (default: main).
+        commit_message: the commit's message.
+        token: a Hub token; default: `huggingface_hub.get_token()` (HF_TOKEN or `hf auth login`).
+        license: the card's license when open_clip records none for the base.
+
     >>> push_to_hub("outputs/lora_retrieval", "me/shapes-lora")  # doctest: +SKIP
     """
+    _check_repo_id(repo_id)
+    token = _check_can_push(token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = prepare_push_folder(adapter_dir, tmp, repo_id, license)
         api = huggingface_hub.HfApi(token=token)

@@ -6,17 +6,24 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
+import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import huggingface_hub
 import open_clip
 import torch
+from open_clip.constants import HF_WEIGHTS_NAME
+from open_clip.pretrained import _get_safe_alternatives
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .utils import ConfigMixin
 
-__all__ = ["BaseConfig", "BaseModel", "TINY_MODEL", "describe_base", "freeze", "load_base"]
+__all__ = ["BaseConfig", "BaseModel", "TINY_MODEL", "describe_base", "freeze", "hub_base_model", "load_base"]
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODEL = "peftclip-tiny"
@@ -76,19 +83,83 @@ def _resolve_model_name(model_name: str) -> str:
     return model_name
 
 
+_WEIGHTS_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors"}
+
+
 def _check_pretrained(model_name: str, pretrained: str | None) -> None:
+    """Refuse unknown tags and files that are not weights; fail fast on uncached weights when offline."""
     if pretrained is None or model_name.startswith(("hf-hub:", "local-dir:")):
         return
-    looks_like_path = os.sep in pretrained or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors"}
-    if looks_like_path:
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
-        return
     tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pretrained not in tags:
-        raise ValueError(
-            f"pretrained tag {pretrained!r} does not exist for {model_name}; known tags: {', '.join(tags) or 'none'}"
-        )
+    if pretrained in tags:
+        _check_pretrained_download(model_name, pretrained)
+        return
+    path = Path(pretrained)
+    if path.is_file():
+        _check_weights_file(path)
+        return
+    if os.sep in pretrained or path.suffix in _WEIGHTS_SUFFIXES:
+        raise FileNotFoundError(f"pretrained weights file not found: {pretrained}")
+    raise ValueError(
+        f"pretrained tag {pretrained!r} does not exist for {model_name}; known tags: {', '.join(tags) or 'none'}"
+    )
+
+
+def _check_weights_file(path: Path) -> None:
+    """Refuse a file open_clip cannot read as weights: safetensors, or torch's zip or pickle checkpoints."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt"):  # reads the header only
+                return
+        with open(path, "rb") as f:
+            first = f.read(1)
+    except SafetensorError as e:
+        raise ValueError(f"not a weights file: {path} ({e})") from e
+    except OSError as e:
+        raise OSError(f"cannot read pretrained weights file {path}: {e.strerror}") from e
+    if first != pickle.PROTO and not zipfile.is_zipfile(path):
+        raise ValueError(f"not a weights file: {path} (neither safetensors nor a torch checkpoint)")
+
+
+def _pretrained_hub_file(model_name: str, tag: str) -> tuple[str, str] | None:
+    """(repo id, file name) open_clip downloads a pretrained tag from, or None when it has no Hub entry."""
+    hf_hub = open_clip.get_pretrained_cfg(model_name, tag).get("hf_hub", "")
+    if not hf_hub:
+        return None
+    repo_id, filename = os.path.split(hf_hub)  # 'org/name/' (open_clip's default file) or 'org/name/file.bin'
+    return repo_id, filename or HF_WEIGHTS_NAME
+
+
+def _check_pretrained_download(model_name: str, tag: str) -> None:
+    """Before open_clip builds the model: fail at once offline without the weights, else say what is fetched."""
+    hub_file = _pretrained_hub_file(model_name, tag)
+    if hub_file is None:
+        return
+    repo_id, filename = hub_file
+    # open_clip tries the safetensors alternatives of the file first, then the file itself
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, name), str)
+           for name in (*_get_safe_alternatives(filename), filename)):
+        return
+    if huggingface_hub.is_offline_mode():
+        raise OSError(f"pretrained weights for {model_name}/{tag} are not in the Hugging Face cache and "
+                      f"HF_HUB_OFFLINE is set: fetch them once online, or pass a local weights file")
+    print(f"fetching pretrained weights for {model_name}/{tag} from the Hugging Face Hub ({repo_id})",
+          file=sys.stderr)
+
+
+def hub_base_model(base: dict[str, Any]) -> str | None:
+    """The Hub repo id of an adapter's base, when open_clip knows one (an `hf-hub:` name or a pretrained tag).
+
+    >>> hub_base_model({"model_name": "ViT-B-32", "pretrained": "openai"})
+    'timm/vit_base_patch32_clip_224.openai'
+    """
+    name, tag = base["model_name"], base.get("pretrained")
+    if name.startswith("hf-hub:"):
+        return name.removeprefix("hf-hub:")
+    if tag is None or "weights_sha256" in base:
+        return None  # random init or a local weights file: not on the Hub
+    hub_file = _pretrained_hub_file(name, tag)
+    return hub_file[0] if hub_file else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -295,6 +295,8 @@ def test_merge_writes_a_plain_open_clip_checkpoint(tiny_adapter, tmp_path):
 
 def test_push_calls_the_hub_with_the_card(tiny_adapter, monkeypatch, capsys):
     import huggingface_hub
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # push refuses up front when offline or logged out
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     seen = {}
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: seen.update(repo=repo_id))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
