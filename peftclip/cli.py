@@ -107,7 +107,7 @@ def _eval_data(args: argparse.Namespace, metadata: dict[str, Any] | None) -> Dat
 def cmd_eval(args: argparse.Namespace) -> None:
     """Retrieval recall or classification accuracy of the base, and of base + adapter, on held-out data."""
     from .adapters.heads import DEFAULT_TEMPLATES
-    from .data import EvalImages, eval_texts, load_labelled, load_pairs
+    from .data import EvalImages, eval_texts, load_held_out_labelled, load_held_out_pairs
     from .evaluate import classification_accuracy, retrieval_recall
 
     clip, metadata = _load(args)
@@ -116,14 +116,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = args.task or ("classification" if "class_names" in training else "retrieval")
     columns = {"base": None, **({"adapted": ADAPTER} if metadata else {})}
     if task == "retrieval":
-        _, pairs = load_pairs(data)
+        pairs = load_held_out_pairs(data)
         images, (captions, owners) = EvalImages(pairs, clip.base.preprocess_val), eval_texts(pairs)
         print(f"{len(images)} images, {len(captions)} captions")
         results = {column: retrieval_recall(clip.encode_images(images, adapter, args.batch_size),
                                             clip.encode_texts(captions, adapter, args.batch_size), owners)
                    for column, adapter in columns.items()}
     else:
-        _, test = load_labelled(data)
+        test = load_held_out_labelled(data)
         images = EvalImages(test, clip.base.preprocess_val)
         templates = args.templates or training.get("classify", {}).get("templates") or DEFAULT_TEMPLATES
         print(f"{len(images)} images, {len(test.class_names)} classes")
@@ -137,6 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> None:
     """Embed a folder of images and/or a file of texts (one per line) into one safetensors file."""
+    from .data import read_texts
     from .index import list_images
     from .utils import write_safetensors_atomic
 
@@ -149,12 +150,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
         tensors["image_embeddings"] = clip.encode_images(files, batch_size=args.batch_size)
         metadata["image_files"] = json.dumps([p.name for p in files])
     if args.texts:
-        try:
-            texts = [line.strip() for line in Path(args.texts).read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise OSError(f"cannot read texts file {args.texts}: {e.strerror}") from e
-        if not texts:
-            raise ValueError(f"{args.texts}: no texts (one per line)")
+        texts = read_texts(args.texts)
         tensors["text_embeddings"] = clip.encode_texts(texts, batch_size=args.batch_size)
         metadata["texts"] = json.dumps(texts)
     write_safetensors_atomic(tensors, args.out, metadata=metadata)

@@ -94,8 +94,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, section: str, cls: typ
         kwargs = _argument_kwargs(hints[f.name], f.name)
         if "action" not in kwargs:
             kwargs["metavar"] = f.name.upper()
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"{section}.{f.name}",
-                           default=argparse.SUPPRESS, help=help_text, **kwargs)
+        flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]  # e.g. open_clip's --csv-img-key
+        group.add_argument(*flags, dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
 def _resolve_paths(values: dict[str, Any], cls: type, folder: Path) -> dict[str, Any]:

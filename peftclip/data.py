@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,21 +15,26 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import datasets
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .utils import ConfigMixin
 
 __all__ = ["DataConfig", "DataError", "EvalImages", "LabelledImages", "LabelledSet", "PairSet", "TrainPairs",
-           "count_truncated", "decode_image", "eval_texts", "load_labelled", "load_pairs"]
+           "count_truncated", "decode_image", "eval_texts", "load_held_out_labelled", "load_held_out_pairs",
+           "load_labelled", "load_pairs", "read_texts", "source_fingerprint"]
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
              ".arrow": "arrow"}
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 _PROGRESS_MIN_ROWS = 1000
 _DEFAULT_IMAGE_COLUMN = "file_name"
-_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+_DEFAULT_CAPTION_COLUMN = "caption"
+_OPEN_CLIP_COLUMNS = ("filepath", "title")  # open_clip_train's --csv-img-key and --csv-caption-key defaults
+# DecompressionBombWarning is here for runs that turn warnings into errors (python -W error).
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)
 
 ImageRef = str | bytes
 T = TypeVar("T", "PairSet", "LabelledSet")
@@ -50,8 +57,14 @@ class DataConfig(ConfigMixin):
                 "or a Hugging Face Hub dataset id 'user/name'.", "path": True})
     image_column: str = field(default=_DEFAULT_IMAGE_COLUMN, metadata={
         "help": "Column of image paths (relative to the file's folder) or an Image feature; with the default, "
-                "a data set without that column uses its first Image feature (e.g. 'image')."})
-    caption_column: str = field(default="caption", metadata={"help": "Column of captions (a string or a list)."})
+                "a data set without that column uses open_clip's 'filepath' or its first Image feature (e.g. "
+                "'image').", "aliases": ["--csv-img-key"]})
+    caption_column: str = field(default=_DEFAULT_CAPTION_COLUMN, metadata={
+        "help": "Column of captions (a string or a list); with the default, a data set without that column "
+                "uses open_clip's 'title'.", "aliases": ["--csv-caption-key"]})
+    csv_separator: str | None = field(default=None, metadata={
+        "help": "Column separator of .csv/.tsv files ('\\t' for a tab); default: a tab for .tsv files and for "
+                ".csv files whose header has tabs but no commas (as open_clip_train writes them), else a comma."})
     label_column: str = field(default="label", metadata={"help": "Column of class labels, for classification."})
     split: str = field(default="train", metadata={"help": "Split to train on."})
     val_split: str | None = field(default=None, metadata={
@@ -75,6 +88,10 @@ class DataConfig(ConfigMixin):
         for name in ("max_images", "max_val_images"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
+        if self.csv_separator == "\\t":  # as typed in a shell or YAML without escapes
+            self.csv_separator = "\t"
+        if self.csv_separator is not None and len(self.csv_separator) != 1:
+            raise ValueError(f"csv_separator={self.csv_separator!r}: must be one character, e.g. ',' or '\\t'")
         for name in ("image_column", "caption_column", "label_column", "split", "val_split"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ValueError(f"{name}={getattr(self, name)!r}: must not be empty")
@@ -86,7 +103,7 @@ class PairSet:
 
     images: list[ImageRef]
     captions: list[list[str]]
-    names: list[str]  # the file path, or "<source>:row N" for encoded bytes
+    names: list[str]  # the file path, else where the row is: "<file> line N" or "<source> row N"
     skipped: int = 0  # bad rows dropped (only with skip_bad_rows)
 
 
@@ -101,26 +118,63 @@ class LabelledSet:
     skipped: int = 0
 
 
-def decode_image(ref: ImageRef) -> Image.Image:
-    """An RGB PIL image from a path or encoded bytes (grayscale, palette and RGBA are converted)."""
-    with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
-        if image.mode == "P" and "transparency" in image.info:
-            return image.convert("RGBA").convert("RGB")  # PIL warns when dropping palette alpha directly
-        return image.convert("RGB")
+def _path_problem(path: Path) -> str | None:
+    """Why the image file at `path` cannot be opened at all, or None."""
+    if path.is_dir():
+        return "image path is a directory, not a file"
+    if not path.is_file():
+        return "image file not found"
+    if path.stat().st_size == 0:
+        return "image file is empty (0 bytes)"
+    return None
+
+
+def _open_image(ref: ImageRef) -> Image.Image:
+    """`Image.open` of a path or encoded bytes; above 2x `Image.MAX_IMAGE_PIXELS` PIL refuses (a decompression bomb)."""
+    return Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, upright as its EXIF orientation says.
+
+    PIL's convert() clips 16-bit grayscale ("I;16", and "I" as PNG gives it) at 255, a white image, so those
+    are scaled from 0..65535 to 0..255 first.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return image.convert("I").point(lambda v: v / 257).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB")  # PIL warns when dropping palette alpha directly
+    return image.convert("RGB")
+
+
+def decode_image(ref: ImageRef, name: str | None = None) -> Image.Image:
+    """An upright 8-bit RGB PIL image from a path or encoded bytes.
+
+    Grayscale, 16-bit, palette and RGBA images are converted and EXIF orientation is applied, as a viewer
+    shows the image. A file that cannot be decoded raises `DataError` naming it (`name`, else the path).
+
+    >>> decode_image("photo.jpg").mode  # doctest: +SKIP
+    'RGB'
+    """
+    name = name or (ref if isinstance(ref, str) else "image bytes")
+    if isinstance(ref, str) and (problem := _path_problem(Path(ref))) is not None:
+        raise DataError(f"{name}: {problem}")
+    try:
+        with _open_image(ref) as image:
+            return _to_rgb(image)
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{name}: cannot decode image: {e}") from e
 
 
 def _image_problem(ref: ImageRef | None) -> str | None:
     """Why `ref` is not a usable image, or None. JPEGs decode at 1/8 scale, which still finds truncation."""
     if ref is None:
         return "no image in this row"
-    if isinstance(ref, str):
-        path = Path(ref)
-        if not path.is_file():
-            return "image file not found"
-        if path.stat().st_size == 0:
-            return "image file is empty (0 bytes)"
+    if isinstance(ref, str) and (problem := _path_problem(Path(ref))) is not None:
+        return problem
     try:
-        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
+        with _open_image(ref) as image:
             image.draft("RGB", (1, 1))
             image.load()
     except _DECODE_ERRORS as e:
@@ -144,11 +198,46 @@ def _caption_problem(value: Any) -> str | None:
     return None
 
 
-def _csv_options(suffix: str) -> dict[str, Any]:
+def _separator(path: Path, config: DataConfig) -> str | None:
+    """The column separator of a .csv/.tsv file (None for other files).
+
+    `csv_separator` if set, else a tab for .tsv, and for a .csv whose header has tabs but no commas
+    (open_clip_train writes tab-separated .csv files); else a comma.
+    """
+    if path.suffix not in (".csv", ".tsv"):
+        return None
+    if config.csv_separator is not None:
+        return config.csv_separator
+    if path.suffix == ".tsv":
+        return "\t"
+    if "*" in path.name:
+        return ","
+    with path.open(encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    return "\t" if "\t" in header and "," not in header else ","
+
+
+def _csv_options(separator: str | None) -> dict[str, Any]:
     """Read CSV text as written: pandas would otherwise turn captions like 'NA' or 'null' into NaN."""
-    if suffix not in (".csv", ".tsv"):
-        return {}
-    return {"keep_default_na": False, "na_values": [], **({"delimiter": "\t"} if suffix == ".tsv" else {})}
+    return {} if separator is None else {"keep_default_na": False, "na_values": [], "delimiter": separator}
+
+
+def _line_numbers(path: Path, separator: str | None) -> list[int] | None:
+    """The line each row starts on in one .csv/.tsv (the header is line 1) or .jsonl file; None for other files.
+
+    Blank lines are passed over, as pandas and pyarrow pass over them; a quoted CSV field may span lines.
+    """
+    if "*" in path.name or (separator is None and path.suffix != ".jsonl"):
+        return None
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        if separator is None:
+            return [n for n, line in enumerate(f, start=1) if line.strip()]
+        reader, starts, previous = csv.reader(f, delimiter=separator), [], 0
+        for record in reader:
+            if record:
+                starts.append(previous + 1)
+            previous = reader.line_num
+    return starts[1:]
 
 
 @contextmanager
@@ -175,42 +264,66 @@ def _read_file(path: Path, config: DataConfig, split: str) -> datasets.Dataset:
             raise DataError(f"{path}: the data set is empty (0 bytes)")
     with _loading(str(path), split):
         return datasets.load_dataset(_BUILDERS[path.suffix], data_files={config.split: str(path)}, split=split,
-                                     **_csv_options(path.suffix))
+                                     **_csv_options(_separator(path, config)))
 
 
-def _load_split(config: DataConfig, split: str) -> tuple[datasets.Dataset, Path, str]:
-    """The split as a `datasets.Dataset`, the folder relative paths start from, and a display name."""
+class _Split(NamedTuple):
+    """One split as loaded: the rows, the folder relative image paths start from, a display name, and the
+    local table file (or glob) it was read from, if one."""
+
+    data: datasets.Dataset
+    root: Path
+    name: str
+    table_file: Path | None
+
+
+def _load_split(config: DataConfig, split: str) -> _Split:
+    """The split as a `datasets.Dataset`, with where it came from."""
     source = Path(config.source)
     if source.is_dir():
         metadata = next((source / m for m in _METADATA_FILES if (source / m).is_file()), None)
         if metadata is not None:  # read directly: the imagefolder builder turns captions like 'NA' into None
-            return _read_file(metadata, config, split), source, metadata.name
+            return _Split(_read_file(metadata, config, split), source, metadata.name, metadata)
         with _loading(str(source), split):  # split or class subfolders, or parquet shards: datasets infers which
-            return datasets.load_dataset(str(source), split=split), source, source.name
+            return _Split(datasets.load_dataset(str(source), split=split), source, source.name, None)
     if source.suffix in _BUILDERS:
-        return _read_file(source, config, split), source.parent, source.name
+        return _Split(_read_file(source, config, split), source.parent, source.name, source)
     if source.exists() or config.source.count("/") != 1:
         raise DataError(f"cannot read {config.source}: expected a folder, a "
                         f"{'/'.join(sorted(_BUILDERS))} file or glob, or a Hub dataset id 'user/name'")
     with _loading(f"{config.source} (no such local path, so tried as a Hub dataset id)", split):
-        return datasets.load_dataset(config.source, split=split), Path("."), config.source
+        return _Split(datasets.load_dataset(config.source, split=split), Path("."), config.source, None)
 
 
 class _Table(NamedTuple):
-    """One split read from the source: the table, per-row image refs and names, and its display name."""
+    """One split read from the source: the table, its caption or label column, per-row image refs, names and
+    locations, and its display name."""
 
     data: datasets.Dataset
+    column: str  # of captions or labels
     refs: list[ImageRef | None]
-    names: list[str]
+    names: list[str]  # the image path, else the row's location
+    where: list[str]  # "<file> line N" for CSV/TSV/JSONL files, else "<source> row N"
     name: str
 
 
-def _check_column(data: datasets.Dataset, column: str, name: str) -> None:
-    if column not in data.column_names:
-        raise DataError(f"{name}: no column {column!r}; columns are: {', '.join(data.column_names)}")
+def _column(data: datasets.Dataset, wanted: str, default: str, fallbacks: Sequence[str], name: str) -> str:
+    """`wanted`, or while it is the default and absent, the first of `fallbacks` present; else a DataError."""
+    if wanted not in data.column_names and wanted == default:
+        wanted = next((c for c in fallbacks if c in data.column_names), wanted)
+    if wanted not in data.column_names:
+        raise DataError(f"{name}: no column {wanted!r}; columns are: {', '.join(data.column_names)}")
+    return wanted
 
 
-def _refs(data: datasets.Dataset, column: str, root: Path, name: str) -> tuple[list[ImageRef | None], list[str]]:
+def _image_column(data: datasets.Dataset, config: DataConfig, name: str) -> str:
+    """The image column: as configured; with the default, open_clip's `filepath` or the first Image feature
+    (imagefolder and most Hub sets have an `image` feature)."""
+    image_features = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
+    return _column(data, config.image_column, _DEFAULT_IMAGE_COLUMN, [_OPEN_CLIP_COLUMNS[0], *image_features], name)
+
+
+def _refs(data: datasets.Dataset, column: str, root: Path, where: list[str]) -> tuple[list[ImageRef | None], list[str]]:
     """Per row: encoded bytes when the data set embeds them, else a resolved path; and a readable name."""
     if isinstance(data.features[column], datasets.Image):
         data = data.cast_column(column, datasets.Image(decode=False))
@@ -221,22 +334,24 @@ def _refs(data: datasets.Dataset, column: str, root: Path, name: str) -> tuple[l
         if isinstance(value, str):
             value = value if Path(value).is_absolute() else str(root / value)
         refs.append(value if isinstance(value, (str, bytes)) else None)
-        names.append(value if isinstance(value, str) else f"{name}:row {row}")
+        names.append(value if isinstance(value, str) else where[row])
     return refs, names
 
 
-def _read_table(config: DataConfig, split: str, column: str) -> _Table:
-    """Read `split` and check that it has rows, an image column and `column`."""
-    data, root, name = _load_split(config, split)
+def _read_table(config: DataConfig, split: str, column: str, default: str = "",
+                fallbacks: Sequence[str] = ()) -> _Table:
+    """Read `split` and check that it has rows, an image column and `column` (see `_column`)."""
+    data, root, name, table_file = _load_split(config, split)
     if len(data) == 0:
         raise DataError(f"{name}: the data set is empty")
-    image_column = config.image_column
-    image_features = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
-    if image_column not in data.column_names and image_column == _DEFAULT_IMAGE_COLUMN and image_features:
-        image_column = image_features[0]  # imagefolder and most Hub sets: an `image` feature
-    _check_column(data, image_column, name)
-    _check_column(data, column, name)
-    return _Table(data, *_refs(data, image_column, root, name), name)
+    image_column = _image_column(data, config, name)
+    lines = _line_numbers(table_file, _separator(table_file, config)) if table_file is not None else None
+    if lines is not None and len(lines) == len(data):
+        where = [f"{name} line {line}" for line in lines]
+    else:
+        where = [f"{name} row {row}" for row in range(len(data))]
+    return _Table(data, _column(data, column, default, fallbacks, name), *_refs(data, image_column, root, where),
+                  where, name)
 
 
 def _validate(table: _Table, rows: list[int], row_problem: Callable[[int], str | None],
@@ -254,7 +369,7 @@ def _validate(table: _Table, rows: list[int], row_problem: Callable[[int], str |
         elif skip:
             bad += 1
         else:
-            where = f"{table.names[row]} (row {row})" if isinstance(ref, str) else table.names[row]
+            where = f"{table.names[row]} ({table.where[row]})" if isinstance(ref, str) else table.names[row]
             raise DataError(f"{where}: {problem} (pass --skip-bad-rows to drop such rows)")
     if rows and not good:
         raise DataError(f"{table.name}: every row is bad ({bad} skipped)")
@@ -292,6 +407,18 @@ def _cap_indices(n: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
+def _held_out(config: DataConfig, load_sets: Callable[[DataConfig, str, _Select], list[T]]) -> T:
+    """The held-out set alone: the named val_split, or the images `_train_val` holds out of the training split."""
+    if config.source is None:
+        raise DataError("no data source given (--source)")
+    if config.val_split is None:
+        (val,) = load_sets(config, config.split, lambda n: [_split_indices(n, config)[1]])
+    else:
+        (val,) = load_sets(config, config.val_split,
+                           lambda n: [_cap_indices(n, config.max_val_images, config.split_seed)])
+    return val
+
+
 def _train_val(config: DataConfig, load_sets: Callable[[DataConfig, str, _Select], list[T]]) -> tuple[T, T]:
     """Both sets: the named val_split, or an image-level hold-out of the training split."""
     if config.source is None:
@@ -300,9 +427,7 @@ def _train_val(config: DataConfig, load_sets: Callable[[DataConfig, str, _Select
         train, val = load_sets(config, config.split, lambda n: _split_indices(n, config))
         return train, val
     (train,) = load_sets(config, config.split, lambda n: [_cap_indices(n, config.max_images, config.split_seed)])
-    (val,) = load_sets(config, config.val_split,
-                       lambda n: [_cap_indices(n, config.max_val_images, config.split_seed)])
-    return train, val
+    return train, _held_out(config, load_sets)
 
 
 def _validated_sets(table: _Table, groups: list[list[int]], select: _Select, row_problem: Callable[[int], str | None],
@@ -319,8 +444,8 @@ def _validated_sets(table: _Table, groups: list[list[int]], select: _Select, row
 
 def _pair_sets(config: DataConfig, split: str, select: _Select) -> list[PairSet]:
     """Group rows by image, choose images with `select`, then validate only the chosen images' rows."""
-    table = _read_table(config, split, config.caption_column)
-    texts = table.data[config.caption_column]
+    table = _read_table(config, split, config.caption_column, _DEFAULT_CAPTION_COLUMN, _OPEN_CLIP_COLUMNS[1:])
+    texts = table.data[table.column]
     return [PairSet(images=[table.refs[rows[0]] for rows in kept], names=[table.names[rows[0]] for rows in kept],
                     captions=[[c.strip() for row in rows for c in _as_list(texts[row])] for rows in kept], skipped=bad)
             for kept, bad in _validated_sets(table, _group_rows(table.refs), select,
@@ -342,10 +467,20 @@ def load_pairs(config: DataConfig) -> tuple[PairSet, PairSet]:
     return _train_val(config, _pair_sets)
 
 
+def load_held_out_pairs(config: DataConfig) -> PairSet:
+    """The validated held-out image–caption set alone, the same images `load_pairs` holds out.
+
+    With `val_split` only that split is read, so a source holding nothing but a test split can be evaluated.
+
+    >>> test = load_held_out_pairs(DataConfig(source="data/", val_split="test"))  # doctest: +SKIP
+    """
+    return _held_out(config, _pair_sets)
+
+
 def _label_sets(config: DataConfig, split: str, select: _Select) -> list[LabelledSet]:
     """One image per row; labels from a ClassLabel feature (-1 means none), or the sorted distinct values."""
     table = _read_table(config, split, config.label_column)
-    feature, raw = table.data.features[config.label_column], table.data[config.label_column]
+    feature, raw = table.data.features[table.column], table.data[table.column]
     if isinstance(feature, datasets.ClassLabel):
         class_names, labels = list(feature.names), [v if v is not None and v >= 0 else None for v in raw]
     else:
@@ -370,6 +505,87 @@ def load_labelled(config: DataConfig) -> tuple[LabelledSet, LabelledSet]:
     return train, val
 
 
+def load_held_out_labelled(config: DataConfig) -> LabelledSet:
+    """The validated held-out labelled set alone, as `load_labelled` holds it out (see `load_held_out_pairs`).
+
+    >>> test = load_held_out_labelled(DataConfig(source="../shared/data/cifar10", val_split="test"))  # doctest: +SKIP
+    """
+    return _held_out(config, _label_sets)
+
+
+def _file_stamp(path: Path, root: Path) -> str:
+    """Name (relative to `root` where it is inside), size and modification time, or that it is missing."""
+    name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"{name}\0missing\n"
+    return f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+
+
+def _split_files(config: DataConfig, loaded: _Split) -> list[Path]:
+    """The local files a split's rows come from: its table file(s) and the images its rows name by path; for a
+    folder without a metadata file (class or split subfolders, parquet shards), every file under it."""
+    if loaded.table_file is None:
+        return [p for p in loaded.root.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(loaded.root).parts)]
+    files = sorted(loaded.table_file.parent.glob(loaded.table_file.name))
+    column = _image_column(loaded.data, config, loaded.name)
+    if not isinstance(loaded.data.features[column], datasets.Image):  # embedded images are in the table files
+        files += [Path(p) if Path(p).is_absolute() else loaded.root / p
+                  for p in set(loaded.data[column]) if isinstance(p, str)]
+    return files
+
+
+def source_fingerprint(config: DataConfig) -> str:
+    """A hash of the data `config` reads, that changes when the data under the same source changes.
+
+    Local sources: the names (relative to the source), sizes and modification times of the table files and of
+    the images their rows name (for a folder without a metadata file, of every file in it); nothing is decoded.
+    A Hub dataset id: the fingerprint `datasets` gives each split, which follows the cached revision (offline
+    it reads the local cache). A resumed run compares it with the one its checkpoint recorded.
+
+    Args:
+        config: the source, its columns and the splits read (`split`, and `val_split` if set).
+
+    >>> source_fingerprint(DataConfig(source="data/captions.csv"))  # doctest: +SKIP
+    '3f0c...'
+    """
+    if config.source is None:
+        raise DataError("no data source given (--source)")
+    digest = hashlib.sha256()
+    for split in dict.fromkeys(s for s in (config.split, config.val_split) if s is not None):
+        loaded = _load_split(config, split)
+        digest.update(f"split\0{split}\n".encode())
+        if loaded.table_file is None and not Path(config.source).is_dir():  # a Hub dataset id
+            digest.update(f"{loaded.data._fingerprint}\n".encode())
+            continue
+        for path in sorted(set(_split_files(config, loaded))):
+            digest.update(_file_stamp(path, loaded.root).encode())
+    return digest.hexdigest()
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped: one text per line, e.g. to embed.
+
+    >>> read_texts("queries.txt")  # doctest: +SKIP
+    ['a dog on a beach', 'two cats']
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise OSError(f"cannot read texts file {path}: {e.strerror}") from e
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the first text
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8") from e
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise DataError(f"{path}: no texts (one per line)")
+    return texts
+
+
 def _item_seed(*parts: int) -> int:
     """A 63-bit seed from integers, the same in every process and Python version (unlike hash())."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -391,10 +607,7 @@ class _ImageDataset(Dataset):
         return len(self.images)
 
     def image(self, i: int) -> torch.Tensor:
-        try:
-            image = decode_image(self.images[i])
-        except _DECODE_ERRORS as e:
-            raise DataError(f"{self.names[i]}: cannot decode image: {e}") from e
+        image = decode_image(self.images[i], self.names[i])
         # Random augmentation becomes a function of (seed, epoch, item), the same in any worker.
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(_item_seed(self.seed, self.epoch, i))

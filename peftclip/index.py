@@ -35,11 +35,11 @@ def _folder_signature(files: list[Path]) -> str:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly in `folder`, in file-name order."""
+    """The image files directly in `folder`, in file-name order (a subfolder named like an image is not one)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files

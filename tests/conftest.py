@@ -18,6 +18,15 @@ settings.register_profile("peftclip", deadline=None, suppress_health_check=[Heal
 settings.load_profile("peftclip")
 
 
+def shared_data(*parts: str) -> Path:
+    """A path under the shared real data. Missing data fails the test rather than skipping it: CI always has it."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"shared data missing: {path} (the tests expect it beside the project, at ../shared/data)",
+                    pytrace=False)
+    return path
+
+
 def image_batch(model: torch.nn.Module, n: int = 2, seed: int = 0) -> torch.Tensor:
     """Random images at `model`'s input size."""
     size = model.visual.image_size

@@ -38,11 +38,11 @@ def _break(folder, kind):
 
 
 BAD_DATA = {
-    "missing_image": "2.jpg (row 2): image file not found",
-    "zero_byte_image": "2.jpg (row 2): image file is empty (0 bytes)",
-    "text_named_jpg": "2.jpg (row 2): cannot decode image",
-    "truncated_jpeg": "2.jpg (row 2): cannot decode image",
-    "whitespace_caption": "2.jpg (row 2): empty caption",
+    "missing_image": "2.jpg (metadata.csv line 4): image file not found",
+    "zero_byte_image": "2.jpg (metadata.csv line 4): image file is empty (0 bytes)",
+    "text_named_jpg": "2.jpg (metadata.csv line 4): cannot decode image",
+    "truncated_jpeg": "2.jpg (metadata.csv line 4): cannot decode image",
+    "whitespace_caption": "2.jpg (metadata.csv line 4): empty caption",
     "empty_data_set": "metadata.csv: the data set is empty",
 }
 

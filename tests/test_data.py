@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
 import peftclip.data
+from peftclip.cli import main as cli_main
 from peftclip.data import (
     DataConfig,
     DataError,
@@ -20,11 +24,17 @@ from peftclip.data import (
     TrainPairs,
     decode_image,
     eval_texts,
+    load_held_out_labelled,
+    load_held_out_pairs,
     load_labelled,
     load_pairs,
+    read_texts,
+    source_fingerprint,
 )
 from peftclip.models import load_base
-from tests.conftest import SHARED_DATA
+from peftclip.recipe import recipe_parser
+from peftclip.recipes import lora_retrieval
+from tests.conftest import shared_data
 
 N_IMAGES = 10
 EXPECTED = sorted(((20 * i, 10, 10), (f"image {i} first", f"image {i} second")) for i in range(N_IMAGES))
@@ -122,7 +132,7 @@ def test_every_source_kind_gives_the_same_grouped_pairs(folder, kind):
 
 @pytest.mark.parametrize(("kind", "name"), [
     ("imagefolder_csv", "/images/3.png"),
-    ("parquet_image_feature", "pairs.parquet:row 6"),
+    ("parquet_image_feature", "pairs.parquet row 6"),
 ])
 def test_names_are_the_file_or_the_source_row(folder, kind, name):
     train, _ = load_pairs(DataConfig(**_write_source(folder, kind), val_fraction=0.0))
@@ -239,10 +249,16 @@ def test_eval_texts_flattens_captions_with_their_image(captions, texts, owners):
     assert eval_texts(pairs) == (texts, owners)
 
 
-def _corrupt(folder, kind):
+def _corrupt(folder, kind, monkeypatch):
     target, metadata = folder / "images" / "4.png", folder / "metadata.csv"
     if kind == "missing":
         target.unlink()
+    elif kind == "directory":
+        target.unlink()
+        target.mkdir()
+    elif kind == "decompression_bomb":  # over twice the pixel limit, where PIL refuses to decode
+        Image.new("RGB", (40, 40)).save(target)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 2 - 1)
     elif kind == "zero_bytes":
         target.write_bytes(b"")
     elif kind == "text_as_image":
@@ -256,28 +272,32 @@ def _corrupt(folder, kind):
         metadata.write_text(text.replace("image 4 second", blank) if kind == "both_captions_blank" else text)
 
 
-# (corruption of image 4, whose first row is row 8; the message; rows skipped; images left)
+# (corruption of image 4, whose first row is on line 10 of metadata.csv; the message; rows skipped; images left)
 BAD_ROWS = [
-    ("missing", "4.png (row 8): image file not found", 2, N_IMAGES - 1),
-    ("zero_bytes", "4.png (row 8): image file is empty (0 bytes)", 2, N_IMAGES - 1),
-    ("text_as_image", "4.png (row 8): cannot decode image: cannot identify image file", 2, N_IMAGES - 1),
-    ("truncated_jpeg", "4.png (row 8): cannot decode image: .*runcated", 2, N_IMAGES - 1),
-    ("empty_caption", "4.png (row 8): empty caption ''", 1, N_IMAGES),
-    ("whitespace_caption", "4.png (row 8): empty caption '  '", 1, N_IMAGES),
-    ("both_captions_blank", "4.png (row 8): empty caption ' '", 2, N_IMAGES - 1),
+    ("missing", "4.png (metadata.csv line 10): image file not found", 2, N_IMAGES - 1),
+    ("directory", "4.png (metadata.csv line 10): image path is a directory", 2, N_IMAGES - 1),
+    ("zero_bytes", "4.png (metadata.csv line 10): image file is empty (0 bytes)", 2, N_IMAGES - 1),
+    ("text_as_image", "4.png (metadata.csv line 10): cannot decode image: cannot identify image file", 2,
+     N_IMAGES - 1),
+    ("truncated_jpeg", "4.png (metadata.csv line 10): cannot decode image: .*runcated", 2, N_IMAGES - 1),
+    ("decompression_bomb", "4.png (metadata.csv line 10): cannot decode image: Image size (1600 pixels) exceeds "
+                           "limit", 2, N_IMAGES - 1),
+    ("empty_caption", "4.png (metadata.csv line 10): empty caption ''", 1, N_IMAGES),
+    ("whitespace_caption", "4.png (metadata.csv line 10): empty caption '  '", 1, N_IMAGES),
+    ("both_captions_blank", "4.png (metadata.csv line 10): empty caption ' '", 2, N_IMAGES - 1),
 ]
 
 
 @pytest.mark.parametrize(("kind", "message"), [(k, m) for k, m, _, _ in BAD_ROWS])
-def test_a_bad_row_stops_loading_naming_file_row_and_problem(folder, kind, message):
-    _corrupt(folder, kind)
+def test_a_bad_row_stops_loading_naming_file_line_and_problem(folder, kind, message, monkeypatch):
+    _corrupt(folder, kind, monkeypatch)
     with pytest.raises(DataError, match="/images/" + message.replace("(", "[(]").replace(")", "[)]")):
         load_pairs(DataConfig(source=str(folder)))
 
 
 @pytest.mark.parametrize(("kind", "skipped", "n_images"), [(k, s, n) for k, _, s, n in BAD_ROWS])
-def test_bad_rows_are_skipped_and_counted_when_asked(folder, kind, skipped, n_images):
-    _corrupt(folder, kind)
+def test_bad_rows_are_skipped_and_counted_when_asked(folder, kind, skipped, n_images, monkeypatch):
+    _corrupt(folder, kind, monkeypatch)
     train, val = load_pairs(DataConfig(source=str(folder), skip_bad_rows=True, val_fraction=0.2))
     assert train.skipped + val.skipped == skipped
     assert len(train.images) + len(val.images) == n_images
@@ -285,10 +305,11 @@ def test_bad_rows_are_skipped_and_counted_when_asked(folder, kind, skipped, n_im
 
 
 @pytest.mark.parametrize(("records", "message"), [
-    ([{"file_name": "images/0.png", "caption": 42}], r"0.png \(row 0\): caption is not text: 42"),
-    ([{"file_name": "images/0.png", "caption": []}], r"0.png \(row 0\): no captions"),
-    ([{"file_name": "images/0.png", "caption": ["fine", ""]}], r"0.png \(row 0\): empty caption ''"),
-    ([{"file_name": None, "caption": "x"}], r"pairs.jsonl:row 0: no image in this row"),
+    ([{"file_name": "images/0.png", "caption": 42}], r"0.png \(pairs.jsonl line 1\): caption is not text: 42"),
+    ([{"file_name": "images/0.png", "caption": []}], r"0.png \(pairs.jsonl line 1\): no captions"),
+    ([{"file_name": "images/0.png", "caption": "x"}, {"file_name": "images/0.png", "caption": ["fine", ""]}],
+     r"0.png \(pairs.jsonl line 2\): empty caption ''"),
+    ([{"file_name": None, "caption": "x"}], r"pairs.jsonl line 1: no image in this row"),
 ])
 def test_bad_values_in_json_rows_are_named(folder, records, message):
     _jsonl(folder / "pairs.jsonl", records)
@@ -299,7 +320,7 @@ def test_bad_values_in_json_rows_are_named(folder, records, message):
 def test_a_corrupt_embedded_image_is_named_by_source_row(folder):
     data = datasets.Dataset.from_dict({"image": [{"bytes": b"not a png", "path": None}], "caption": ["x"]})
     data.cast_column("image", datasets.Image()).to_parquet(str(folder / "pairs.parquet"))
-    with pytest.raises(DataError, match="pairs.parquet:row 0: cannot decode image"):
+    with pytest.raises(DataError, match="pairs.parquet row 0: cannot decode image"):
         load_pairs(DataConfig(source=str(folder / "pairs.parquet"), val_fraction=0.0))
 
 
@@ -456,9 +477,7 @@ def test_a_hub_dataset_that_cannot_be_reached_names_the_id(monkeypatch):
 
 
 def test_shared_flickr8k_groups_five_captions_per_image():
-    source = SHARED_DATA / "flickr8k-800" / "captions.csv"
-    if not source.parent.is_dir():
-        pytest.skip(f"shared Flickr8k subset not found at {source.parent}")
+    source = shared_data("flickr8k-800", "captions.csv")
     train, val = load_pairs(DataConfig(source=str(source), max_images=50))
     assert len(train.images) == 50 and 1 <= len(val.images) <= 10
     assert all(len(c) == 5 for c in train.captions + val.captions)
@@ -466,9 +485,177 @@ def test_shared_flickr8k_groups_five_captions_per_image():
 
 
 def test_shared_cifar10_has_classlabel_names():
-    source = SHARED_DATA / "cifar10"
-    if not source.is_dir():
-        pytest.skip(f"shared CIFAR-10 subset not found at {source}")
+    source = shared_data("cifar10")
     train, test = load_labelled(DataConfig(source=str(source), val_split="test", max_images=50, max_val_images=20))
     assert train.class_names[:3] == ["airplane", "automobile", "bird"]
     assert len(train.images) == 50 and len(test.images) == 20 and set(train.labels) <= set(range(10))
+
+
+def test_16_bit_png_decodes_scaled_not_clipped(tmp_path):
+    original = Image.new("L", (64, 4))
+    original.putdata([x * 4 for _ in range(4) for x in range(64)])  # 0..252, mean 126
+    Image.fromarray(np.asarray(original, dtype=np.uint16) * 257).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    decoded = np.asarray(decode_image(str(tmp_path / "deep.png")), dtype=np.float64)
+    assert decoded.shape == (4, 64, 3)
+    assert abs(decoded.mean() - np.asarray(original).mean()) <= 0.01 * np.asarray(original).mean()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (20, 16)).save(tmp_path / "turned.jpg", exif=exif)
+    assert decode_image(str(tmp_path / "turned.jpg")).size == (16, 20)
+    assert decode_image((tmp_path / "turned.jpg").read_bytes()).size == (16, 20)
+
+
+def test_an_image_just_over_the_pixel_limit_warns_and_is_a_bad_row_when_warnings_are_errors(folder, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20 * 16 - 1)  # every image is over it, none twice over
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert len(load_pairs(DataConfig(source=str(folder), val_fraction=0.0))[0].images) == N_IMAGES
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=r"/0.png \(metadata.csv line 2\): cannot decode image: Image size"):
+            load_pairs(DataConfig(source=str(folder), val_fraction=0.0))
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("decompression_bomb", "cannot decode image: Image size (1600 pixels) exceeds limit"),
+    ("text_as_image", "cannot decode image: cannot identify image file"),
+])
+def test_search_over_a_folder_with_a_bad_image_is_a_one_line_error_naming_it(folder, kind, message, monkeypatch,
+                                                                              capsys):
+    _corrupt(folder, kind, monkeypatch)
+    (folder / "images" / "sub.png").mkdir()  # a folder named like an image is not listed
+    assert cli_main(["search", "--model-name", "peftclip-tiny", "--images", str(folder / "images"),
+                     "--query", "a red square", "--index", str(folder / "index.safetensors")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and f"images/4.png: {message}" in line
+    assert not (folder / "index.safetensors").exists()
+
+
+def test_csv_errors_name_the_file_line_past_blank_lines_and_multiline_captions(folder):
+    (folder / "pairs.csv").write_text('file_name,caption\nimages/0.png,"two\nlines"\n\nimages/1.png, \n')
+    with pytest.raises(DataError, match=r"1.png \(pairs.csv line 5\): empty caption"):
+        load_pairs(DataConfig(source=str(folder / "pairs.csv"), val_fraction=0.0))
+
+
+def test_open_clip_tab_separated_csv_with_filepath_and_title_loads_by_default(folder):
+    rows = _rows(folder)
+    (folder / "train.csv").write_text("filepath\ttitle\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
+    assert _content(*load_pairs(DataConfig(source=str(folder / "train.csv"), val_fraction=0.2))) == EXPECTED
+
+
+def test_open_clip_flag_spellings_set_the_columns_and_separator(folder):
+    parser = recipe_parser("", lora_retrieval.SECTIONS)
+    args = parser.parse_args(["--csv-img-key", "path", "--csv-caption-key", "text", "--csv-separator", "\\t"])
+    config = DataConfig.from_dict({k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith("data.")})
+    assert (config.image_column, config.caption_column, config.csv_separator) == ("path", "text", "\t")
+    (folder / "pairs.csv").write_text("path;text\n" + "".join(f"{f};{c}\n" for f, c in _rows(folder)))
+    metrics = lora_retrieval.main(["--source", str(folder / "pairs.csv"), "--csv-img-key", "path",
+                                   "--csv-caption-key", "text", "--csv-separator", ";", "--max-steps", "1",
+                                   "--batch-size", "4", "--num-workers", "0", "--val-fraction", "0.2",
+                                   "--output-dir", str(folder / "out")])
+    assert metrics["steps"] == 1
+
+
+def _test_split_only(tmp_path):
+    """A parquet folder with only a test split: 4 embedded images, one caption and label each."""
+    images = [Image.new("RGB", (20, 16), (60 * i, 10, 10)) for i in range(4)]
+    data = datasets.Dataset.from_dict({"image": images, "caption": [f"picture {i}" for i in range(4)],
+                                       "label": [i % 2 for i in range(4)]}).cast_column("image", datasets.Image())
+    (tmp_path / "parquet").mkdir()
+    data.to_parquet(str(tmp_path / "parquet" / "test-00000-of-00001.parquet"))
+    return tmp_path / "parquet"
+
+
+def test_held_out_loaders_read_only_the_split_they_evaluate(tmp_path):
+    source = _test_split_only(tmp_path)
+    with pytest.raises(DataError, match="cannot load split 'train'"):
+        load_pairs(DataConfig(source=str(source), val_split="test"))
+    assert len(load_held_out_pairs(DataConfig(source=str(source), val_split="test")).images) == 4
+    assert load_held_out_labelled(DataConfig(source=str(source), val_split="test")).labels == [0, 1, 0, 1]
+
+
+def test_held_out_pairs_without_val_split_are_the_images_load_pairs_holds_out(folder):
+    config = DataConfig(source=str(folder), val_fraction=0.3, split_seed=2)
+    assert load_held_out_pairs(config) == load_pairs(config)[1]
+
+
+@pytest.mark.parametrize("task", ["retrieval", "classification"])
+def test_eval_of_a_source_with_only_a_test_split(tmp_path, task, capsys):
+    source = _test_split_only(tmp_path)
+    assert cli_main(["eval", "--model-name", "peftclip-tiny", "--source", str(source), "--val-split", "test",
+                     "--task", task]) == 0
+    assert capsys.readouterr().out.startswith("4 images")
+
+
+def _touch_later(path):
+    """Push the modification time forward, as a later edit would (file systems may have coarse clocks)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("change", ["edit_csv_row", "replace_image", "add_class_image", "edit_parquet"])
+def test_source_fingerprint_follows_the_data_and_nothing_else(folder, change):
+    if change == "add_class_image":
+        for name in ("cat", "dog"):
+            (folder / "classes" / name).mkdir(parents=True)
+            _image(folder / "classes" / name / "0.png")
+        config = DataConfig(source=str(folder / "classes"))
+    elif change == "edit_parquet":
+        config = DataConfig(**_write_source(folder, "parquet_image_feature"))
+    else:
+        config = DataConfig(source=str(folder))
+    before = source_fingerprint(config)
+    assert source_fingerprint(config) == before
+    (folder / "unrelated.txt").write_text("not data")  # beside the table, named by no row
+    assert source_fingerprint(config) == before
+    if change == "edit_csv_row":
+        target = folder / "metadata.csv"
+        target.write_text(target.read_text().replace("image 3 first", "image 3 FIRST"))
+    elif change == "replace_image":
+        target = folder / "images" / "7.png"
+        _image(target, 8)
+    elif change == "add_class_image":
+        target = folder / "classes" / "dog" / "1.png"
+        _image(target)
+    else:
+        target = folder / "pairs.parquet"
+        datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "caption": ["x"]}).cast_column(
+            "image", datasets.Image()).to_parquet(str(target))
+    _touch_later(target)
+    assert source_fingerprint(config) != before
+
+
+def test_source_fingerprint_of_a_hub_id_is_the_datasets_fingerprint(monkeypatch):
+    served = {"train": datasets.Dataset.from_dict({"image": ["a.png"], "caption": ["x"]})}
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, split=None, **kwargs: served[split])
+    config = DataConfig(source="someone/pairs")
+    before = source_fingerprint(config)
+    assert source_fingerprint(config) == before
+    served["train"] = datasets.Dataset.from_dict({"image": ["a.png"], "caption": ["y"]})
+    assert source_fingerprint(config) != before
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"first\ncaf\xe9 au lait\n", r"texts.txt line 2: not UTF-8 text \(byte 0xe9\)"),
+    (b"\n  \n", "texts.txt: no texts"),
+])
+def test_read_texts_names_the_file_and_line_of_bad_text(tmp_path, content, message):
+    (tmp_path / "texts.txt").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_texts(tmp_path / "texts.txt")
+
+
+def test_read_texts_strips_lines_and_a_byte_order_mark(tmp_path):
+    (tmp_path / "texts.txt").write_bytes("\ufeffa dog \n\n  two cats\n".encode())
+    assert read_texts(tmp_path / "texts.txt") == ["a dog", "two cats"]
+
+
+def test_embed_of_a_non_utf8_texts_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "texts.txt").write_bytes(b"caf\xe9\n")
+    assert cli_main(["embed", "--model-name", "peftclip-tiny", "--texts", str(tmp_path / "texts.txt"),
+                     "--out", str(tmp_path / "out.safetensors")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "texts.txt line 1: not UTF-8 text" in line
