@@ -21,6 +21,7 @@ from open_clip.pretrained import _get_safe_alternatives
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from . import timm_trunks  # noqa: F401  (registers the tiny timm trunks the tiny configs name)
 from .utils import ConfigMixin
 
 __all__ = ["BaseConfig", "BaseModel", "TINY_MODEL", "describe_base", "freeze", "hub_base_model", "load_base"]
@@ -214,6 +215,25 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def _get_tokenizer(name: str) -> Callable:
+    """open_clip's tokenizer for `name`, naming the Hugging Face tokenizer when it cannot be loaded.
+
+    Models with `text_cfg.hf_tokenizer_name` (SigLIP, HF text towers) load their tokenizer
+    with `transformers.AutoTokenizer`: from the Hub, from the Hugging Face cache when
+    HF_HUB_OFFLINE=1, or from a local folder. To use a local tokenizer, copy the model's
+    config JSON, set `text_cfg.hf_tokenizer_name` (and `hf_model_name` for an HF text tower)
+    to a folder holding `tokenizer.json`/`tokenizer_config.json` (and `config.json`), and
+    pass that JSON file as `model_name`.
+    """
+    try:
+        return open_clip.get_tokenizer(name)
+    except OSError as e:
+        config = open_clip.get_model_config(name) if name in open_clip.list_models() else None
+        hf_name = ((config or {}).get("text_cfg") or {}).get("hf_tokenizer_name", name)
+        raise OSError(f"could not load tokenizer {hf_name!r} of {name} ({str(e).splitlines()[0]}); offline it must be "
+                      f"in the Hugging Face cache, or set text_cfg.hf_tokenizer_name to a local folder") from e
+
+
 def load_base(config: BaseConfig | None = None, device: str | torch.device = "cpu") -> BaseModel:
     """Load an open_clip model with its transforms and tokenizer, frozen.
 
@@ -244,6 +264,6 @@ def load_base(config: BaseConfig | None = None, device: str | torch.device = "cp
         model=freeze(model),
         preprocess_train=preprocess_train,
         preprocess_val=preprocess_val,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=_get_tokenizer(name),
         info=describe_base(config),
     )
