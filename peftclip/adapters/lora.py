@@ -137,12 +137,60 @@ def lora_parameter_count(model: nn.Module, config: LoraConfig) -> int:
     return total
 
 
+# Projections that exist only after `convert_attention`; an adapter on them needs the split model.
+_SPLIT_ONLY = ("q", "k", "v")
+# A regex comment (`(?#...)`, no parentheses inside) that PEFT prints when the guard below fires.
+_UNSPLIT_HINT = ("(?#peftclip adapter on split attention: call peftclip.prepare_for_peft on the model "
+                 "before PeftModel.from_pretrained)")
+
+
+def _any_of(patterns: list[str]) -> str:
+    return f"(?:{'|'.join(patterns)})"
+
+
+def _target_regex(model: nn.Module, config: LoraConfig) -> str:
+    """`^(?:<tower block lists>)\\.(?:<indices>)\\.(?:<projections>)$`; indices spelled out only when not all."""
+    prefixes_by_indices: dict[str, list[str]] = {}
+    for tower in config.towers:
+        prefix = tower_blocks_path(model, tower)
+        n_blocks = len(model.get_submodule(prefix))
+        indices = _block_indices(config.blocks, n_blocks, tower)
+        key = r"\d+" if len(indices) == n_blocks else _any_of([str(i) for i in indices])
+        prefixes_by_indices.setdefault(key, []).append(re.escape(prefix))
+    blocks = _any_of([rf"{_any_of(prefixes)}\.{indices}" for indices, prefixes in prefixes_by_indices.items()])
+    return rf"^{blocks}\.{_any_of([re.escape(TARGETS[t]) for t in config.target_modules])}$"
+
+
+def _unsplit_guard(config: LoraConfig) -> dict[str, Any]:
+    """PEFT settings, inert on a split model, that make plain PEFT warn on an unsplit one.
+
+    PEFT 0.21 only raises when a config matches nothing, so an unsplit model (whose module
+    names are a subset of the split one's) would silently lose the q/k/v LoRA and ignore the
+    out_proj LoRA (`nn.MultiheadAttention` never calls `out_proj.forward`). PEFT does warn
+    about a `rank_pattern` key that matches no adapted layer, and about an `exclude_modules`
+    that excludes nothing: a key on a targeted q/k/v projection, or else an exclusion of the
+    untargeted q projections, matches only on a split model. Both carry `_UNSPLIT_HINT`.
+    """
+    split_only = [t for t in config.target_modules if t in _SPLIT_ONLY]
+    if split_only:
+        return {"rank_pattern": {_UNSPLIT_HINT + re.escape(TARGETS[split_only[0]]): config.r}}
+    if "out" in config.target_modules:
+        return {"exclude_modules": rf"{_UNSPLIT_HINT}^.*\.{re.escape(TARGETS['q'])}$"}
+    return {}  # MLP-only: open_clip's own modules, correct with or without the split
+
+
 def to_peft_config(model: nn.Module, config: LoraConfig, **overrides: Any) -> peft.LoraConfig:
-    """PEFT's LoraConfig targeting exactly the layers `config` names, as one anchored regex."""
-    names = lora_target_names(model, config)
-    pattern = "|".join(re.escape(name) for name in names)
+    """PEFT's LoraConfig targeting exactly the layers `config` names, as one short anchored regex.
+
+    The regex is readable in `adapter_config.json`, e.g. for all blocks of both towers
+    `^(?:(?:visual\\.transformer\\.resblocks|transformer\\.resblocks)\\.\\d+)\\.(?:attn\\.q_proj|...)$`.
+    When attention projections are adapted, the config also makes plain PEFT warn if it is
+    loaded onto a model whose attention was not split (see `_unsplit_guard`).
+    """
+    lora_target_names(model, config)  # checks every targeted module is a linear layer
+    settings = {**_unsplit_guard(config), **overrides}
     return peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                           target_modules=f"^(?:{pattern})$", bias="none", **overrides)
+                           target_modules=_target_regex(model, config), bias="none", **settings)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
