@@ -167,12 +167,17 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     """Write base + adapter merged as a plain open_clip checkpoint."""
+    from .models import MODEL_CONFIG_DIR
+
     clip, _ = _load(args)
     if args.alpha != 1.0:
         clip.set_scale(ADAPTER, args.alpha)
     path = clip.export_merged(ADAPTER, args.out)
-    print(f"merged checkpoint -> {path}; load it with open_clip.create_model_and_transforms("
-          f"{clip.base.info['model_name']!r}, pretrained={str(path)!r})")
+    name = clip.base.info["model_name"]
+    # open_clip knows peftclip's own configs (peftclip-tiny, ...) only once peftclip.models has registered them
+    modules = "open_clip, peftclip.models" if (MODEL_CONFIG_DIR / f"{name}.json").is_file() else "open_clip"
+    print(f"merged checkpoint -> {path}; load it with import {modules}; open_clip.create_model_and_transforms("
+          f"{name!r}, pretrained={str(path)!r})")
 
 
 def cmd_push(args: argparse.Namespace) -> None:

@@ -279,12 +279,15 @@ def test_search_rebuilds_the_index_when_the_folder_changes(tiny_adapter, shapes,
     assert len(listed) == 39 and not any("00000.png" in line for line in listed)
 
 
-def test_merge_writes_a_plain_open_clip_checkpoint(tiny_adapter, tmp_path):
+def test_merge_writes_a_plain_open_clip_checkpoint(tiny_adapter, tmp_path, capsys):
     import open_clip
 
     from peftclip.io import load_adapter
     out = tmp_path / "merged.safetensors"
     assert main(["merge", str(tiny_adapter), "--out", str(out)]) == 0
+    hint = capsys.readouterr().out.split("load it with ")[1]
+    done = subprocess.run([sys.executable, "-c", hint], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # the printed hint runs as is in a fresh interpreter
     plain, _, _ = open_clip.create_model_and_transforms("peftclip-tiny", pretrained=str(out))
     adapted = load_adapter(load_base(), tiny_adapter)
     images = torch.randn(2, 3, 32, 32)
