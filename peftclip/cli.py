@@ -189,6 +189,15 @@ def cmd_push(args: argparse.Namespace) -> None:
     print(f"pushed {args.adapter} -> {url}")
 
 
+def cmd_import_peft(args: argparse.Namespace) -> None:
+    """Turn a LoRA folder saved by PEFT's `save_pretrained` into a peftclip adapter folder on the named base."""
+    from .interop import import_peft_adapter
+    from .models import BaseConfig, load_base
+
+    base = load_base(BaseConfig(model_name=args.model_name, pretrained=args.pretrained))
+    print(f"imported {args.peft_dir} -> {import_peft_adapter(args.peft_dir, base, args.out)}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Run a recipe shipped in `peftclip.recipes` (by name) or a recipe file with the arguments after it."""
     name = args.recipe.removesuffix(".py")
@@ -272,11 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", help="branch to push to (default: main)")
     push.add_argument("--message", help="commit message")
     push.add_argument("--license", default="apache-2.0", help="license for the model card (default: apache-2.0)")
+    import_peft = sub.add_parser("import-peft", help="make a peftclip adapter folder from a PEFT save_pretrained one")
+    import_peft.add_argument("peft_dir", help="folder with PEFT's adapter_config.json and adapter_model.safetensors")
+    import_peft.add_argument("--model-name", required=True, help="open_clip model the adapter was trained on")
+    import_peft.add_argument("--pretrained", help="its pretrained tag or weights file (default: random weights)")
+    import_peft.add_argument("--out", required=True, help="peftclip adapter folder to write")
     return parser
 
 
 COMMANDS = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "embed": cmd_embed, "search": cmd_search,
-            "merge": cmd_merge, "push": cmd_push}
+            "merge": cmd_merge, "push": cmd_push, "import-peft": cmd_import_peft}
 
 
 def main(argv: list[str] | None = None) -> int:
