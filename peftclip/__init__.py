@@ -28,9 +28,11 @@ _EXPORTS = {
     "apply_strategy": "adapters",
     "classification_accuracy": "evaluate",
     "convert_attention": "adapters",
+    "import_peft_adapter": "interop",
     "load_adapter": "io",
     "load_adapter_from_hub": "hub",
     "load_base": "models",
+    "prepare_for_peft": "interop",
     "push_to_hub": "hub",
     "read_metadata": "io",
     "retrieval_recall": "evaluate",
@@ -53,9 +55,11 @@ __all__ = [
     "apply_strategy",
     "classification_accuracy",
     "convert_attention",
+    "import_peft_adapter",
     "load_adapter",
     "load_adapter_from_hub",
     "load_base",
+    "prepare_for_peft",
     "push_to_hub",
     "read_metadata",
     "retrieval_recall",
@@ -77,6 +81,7 @@ if TYPE_CHECKING:
     from .evaluate import classification_accuracy, retrieval_recall
     from .hub import load_adapter_from_hub, push_to_hub
     from .inference import AdaptedCLIP
+    from .interop import import_peft_adapter, prepare_for_peft
     from .io import AdapterError, load_adapter, read_metadata, save_adapter
     from .losses import ContrastiveLoss
     from .models import BaseConfig, BaseModel, load_base
