@@ -185,3 +185,25 @@ def test_two_processes_match_one_process_on_the_global_batch(name, tmp_path, tin
         # tensor's scale, where a missing gather or a wrong average would differ by order one.
         torch.testing.assert_close(grads_two[key], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
                                    msg=lambda message: f"{key}: {message}")
+
+
+@pytest.mark.slow
+def test_the_retrieval_recipe_trains_a_siglip_model_with_the_sigmoid_loss(tmp_path, tiny_hub, monkeypatch):
+    from peftclip.recipes import lora_retrieval
+    from peftclip.synthetic import make_shapes_dataset
+
+    calls = []
+
+    class RecordingSigLipLoss(SigLipLoss):
+        def forward(self, *args, **kwargs):
+            calls.append(self.world_size)
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr("peftclip.losses.SigLipLoss", RecordingSigLipLoss)
+    source = make_shapes_dataset(tmp_path / "shapes", n_images=40)
+    # LoRA on the text tower only and no feature cache: LoRA on timm trunks and caching a
+    # CustomTextCLIP's towers are the architecture registry's to add.
+    metrics = lora_retrieval.main(["--source", str(source), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
+                                   "--batch-size", "16", "--num-workers", "0", "--cpu", "--model-name",
+                                   "peftclip-tiny-siglip", "--towers", "text", "--no-feature-cache"])
+    assert metrics["steps"] == 2 and calls == [1, 1]
