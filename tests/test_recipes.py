@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from peftclip.io import load_adapter, read_metadata
 from peftclip.models import load_base
-from peftclip.recipes import lora_retrieval
+from peftclip.recipes import classify, lora_retrieval
 from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,36 @@ def _run(out: Path, source: Path, *extra: str) -> dict:
                                 "--batch-size", "16", "--num-workers", "0", "--cpu", *extra])
 
 
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def runs(monkeypatch) -> list[dict]:
+    """Each recipe's call of `train`, recorded: the trainable tensors before and after, and the step losses."""
+    recorded = []
+
+    def watch(real):
+        def watched(model, *args, **kwargs):
+            before = _trainable(model)
+            result = real(model, *args, **kwargs)
+            recorded.append({"before": before, "after": _trainable(model), "losses": result.losses})
+            return result
+        return watched
+
+    for recipe in (lora_retrieval, classify):
+        monkeypatch.setattr(recipe, "train", watch(recipe.train))
+    return recorded
+
+
+def _assert_every_trainable_tensor_moved(runs: list[dict]) -> None:
+    """With weight decay off, a tensor that is unchanged after two steps got no gradient: it did not train."""
+    (run,) = runs
+    assert run["before"], "nothing was trainable"
+    unchanged = [n for n, t in run["before"].items() if torch.equal(t, run["after"][n])]
+    assert not unchanged, f"not trained: {unchanged}"
+
+
 STRATEGY_FLAGS = {
     "lora": [],
     "projections_last_block_lora": ["--projections", "--last-blocks", "1"],
@@ -39,9 +70,10 @@ STRATEGY_FLAGS = {
 
 
 @pytest.mark.parametrize("case", list(STRATEGY_FLAGS))
-def test_recipe_trains_saves_and_reloads(tmp_path, shapes, case):
+def test_recipe_trains_saves_and_reloads(tmp_path, shapes, runs, case):
     out = tmp_path / case
-    metrics = _run(out, shapes, *STRATEGY_FLAGS[case])
+    metrics = _run(out, shapes, "--weight-decay", "0", *STRATEGY_FLAGS[case])
+    _assert_every_trainable_tensor_moved(runs)
     assert metrics["steps"] == 2 and set(metrics["before"]) == set(metrics["after"])
     assert metrics["train_images_per_second"] > 0
     assert json.loads((out / "metrics.json").read_text())["after"] == metrics["after"]
@@ -54,12 +86,39 @@ def test_recipe_trains_saves_and_reloads(tmp_path, shapes, case):
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
 
 
-def test_recipe_runs_on_shared_flickr8k(tmp_path):
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def test_retrieval_recipe_learns_the_shapes_task(tmp_path, shapes, runs):
+    # Evaluated on the training images: 20 steps at a fixed seed are enough to fit them, not to generalise.
+    metrics = _run(tmp_path / "learns", shapes, "--max-steps", "20", "--lr", "1e-2", "--warmup-steps", "0",
+                   "--val-split", "train", "--no-augment")
+    before, after = metrics["before"], metrics["after"]
+    for direction in ("image_to_text", "text_to_image"):
+        assert after[f"{direction}_R@10"] >= before[f"{direction}_R@10"] + 15, (before, after)
+        assert after[f"{direction}_R@1"] > before[f"{direction}_R@1"], (before, after)
+    losses = runs[0]["losses"]
+    assert _mean(losses[-5:]) < _mean(losses[:5]) - 0.15, losses
+
+
+def test_classify_recipe_learns_the_shapes_labels(tmp_path, shapes, runs):
+    metrics = classify.main(["--source", str(shapes / "labels.csv"), "--output-dir", str(tmp_path / "probe"),
+                             "--max-steps", "20", "--lr", "1e-3", "--warmup-steps", "0", "--batch-size", "16",
+                             "--num-workers", "0", "--val-split", "train", "--no-augment", "--no-lora"])
+    before, after = metrics["before"], metrics["after"]
+    assert after["top1"] >= before["top1"] + 5 and after["top5"] >= before["top5"] + 10, (before, after)
+    losses = runs[0]["losses"]
+    assert _mean(losses[-5:]) < _mean(losses[:5]), losses
+
+
+def test_recipe_runs_on_shared_flickr8k(tmp_path, runs):
     source = SHARED_DATA / "flickr8k-800" / "captions.csv"
     if not source.is_file():
         pytest.skip(f"shared data missing: {source}")
-    metrics = _run(tmp_path / "flickr", source, "--max-images", "64", "--max-val-images", "16")
-    assert metrics["steps"] == 2 and 0.0 <= metrics["after"]["text_to_image_R@1"] <= 100.0
+    metrics = _run(tmp_path / "flickr", source, "--max-images", "64", "--max-val-images", "16", "--weight-decay", "0")
+    _assert_every_trainable_tensor_moved(runs)
+    assert metrics["steps"] == 2 and set(metrics["after"]) == set(metrics["before"])
 
 
 def test_bad_input_exits_2_with_one_line_error(tmp_path, shapes):
@@ -71,8 +130,13 @@ def test_bad_input_exits_2_with_one_line_error(tmp_path, shapes):
     assert not (tmp_path / "out").exists()
 
 
+# With a head, the objective never runs the text tower, yet the default LoRA puts (and saves) adapters there
+# that never train: the recipe should default to towers=["vision"] when the text tower is unused.
+TEXT_LORA_UNTRAINED = pytest.mark.xfail(strict=True, raises=AssertionError,
+                                        reason="classify trains a head but leaves text-tower LoRA trainable")
 CLASSIFY_FLAGS = {
     "lora_and_head": [],
+    "vision_lora_and_head": ["--towers", "vision"],
     "linear_probe": ["--no-lora"],
     "coop_text_prompt": ["--no-lora", "--no-head", "--text-prompt", "--ctx-init", "a photo of a"],
     "class_specific_prompt": ["--no-lora", "--no-head", "--text-prompt", "--class-specific"],
@@ -80,27 +144,26 @@ CLASSIFY_FLAGS = {
 }
 
 
-@pytest.mark.parametrize("case", list(CLASSIFY_FLAGS))
-def test_classify_recipe_reports_three_accuracies_and_reloads(tmp_path, shapes, case):
-    from peftclip.recipes import classify
+@pytest.mark.parametrize("case", [pytest.param(c, marks=TEXT_LORA_UNTRAINED) if c == "lora_and_head" else c
+                                  for c in CLASSIFY_FLAGS])
+def test_classify_recipe_trains_reports_three_accuracies_and_reloads(tmp_path, shapes, runs, case):
     out = tmp_path / case
     metrics = classify.main(["--source", str(shapes / "labels.csv"), "--output-dir", str(out), "--max-steps", "2",
                              "--batch-size", "16", "--num-workers", "0", "--val-fraction", "0.25",
-                             *CLASSIFY_FLAGS[case]])
-    for when in ("before", "after"):
-        assert set(metrics[when]) == {"top1", "top5", "mean_per_class"}
-        assert metrics[when]["top5"] >= metrics[when]["top1"]
+                             "--weight-decay", "0", *CLASSIFY_FLAGS[case]])
+    _assert_every_trainable_tensor_moved(runs)
+    assert set(metrics["before"]) == set(metrics["after"]) == {"top1", "top5", "mean_per_class"}
     assert json.loads((out / "metrics.json").read_text())["class_names"] == metrics["class_names"]
     load_adapter(load_base(), out)
 
 
-def test_classify_recipe_runs_on_shared_cifar10(tmp_path):
-    from peftclip.recipes import classify
+def test_classify_recipe_runs_on_shared_cifar10(tmp_path, runs):
     source = SHARED_DATA / "cifar10"
     if not source.is_dir():
         pytest.skip(f"shared data missing: {source}")
     metrics = classify.main(["--source", str(source), "--val-split", "test", "--max-images", "64",
                              "--max-val-images", "32", "--output-dir", str(tmp_path / "cifar"), "--max-steps", "2",
-                             "--batch-size", "16", "--num-workers", "0"])
+                             "--batch-size", "16", "--num-workers", "0", "--weight-decay", "0",
+                             "--towers", "vision"])  # see TEXT_LORA_UNTRAINED
+    _assert_every_trainable_tensor_moved(runs)
     assert metrics["class_names"][0] == "airplane" and metrics["steps"] == 2
-    assert 0.0 <= metrics["after"]["mean_per_class"] <= 100.0
