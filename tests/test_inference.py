@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 import peftclip.inference as inference
 from peftclip.adapters.heads import CLASSIFIER_NAME, HeadConfig, classifier
@@ -138,13 +139,32 @@ def test_interpolation_endpoints(zoo, base_outputs, name, alpha):
     assert _close(_outputs(clip.model, clip.tokenizer()), base_outputs if alpha == 0 else zoo[name][1])
 
 
-def test_interpolation_midpoint_of_unfrozen_weights_is_the_weight_average(zoo):
+@pytest.mark.parametrize("alpha", [0.25, 0.5])
+def test_interpolation_midpoint_of_unfrozen_weights_is_the_weight_average(zoo, alpha):
     clip = _attached(zoo, "full")
-    clip.set_scale("full", 0.25)
+    clip.set_scale("full", alpha)
     base, trained = load_base().model, load_adapter(load_base(), zoo["full"][0])
     for name in ("logit_scale", "visual.proj", "transformer.resblocks.1.mlp.c_fc.weight", "visual.conv1.weight"):
-        want = 0.75 * base.get_parameter(name) + 0.25 * trained.get_parameter(name)
+        want = base.get_parameter(name) + alpha * (trained.get_parameter(name) - base.get_parameter(name))
+        assert not torch.allclose(want, trained.get_parameter(name), atol=1e-4), name
         assert torch.allclose(clip.model.get_parameter(name), want, atol=1e-6), name
+
+
+def test_interpolated_lora_layer_adds_half_its_scaled_update(zoo):
+    clip = _attached(zoo, "lora")
+    clip.set_scale("lora", 0.5)
+    name = "visual.transformer.resblocks.0.mlp.c_fc"
+    plain = load_base().model.get_submodule(name)  # W and b, never touched by an adapter
+    tensors = load_file(zoo["lora"][0] / SAFETENSORS_WEIGHTS_NAME)
+    a, b = (tensors[f"base_model.model.{name}.lora_{m}.weight"] for m in "AB")
+    s = SPECS["lora"].lora.lora_alpha / SPECS["lora"].lora.r
+    x = torch.randn(5, plain.in_features, generator=torch.Generator().manual_seed(0))
+    update = s * (x @ a.T @ b.T)  # (W + s·B·A)x − Wx
+    assert update.abs().max() > 1e-2
+    clip.model.eval()
+    with torch.no_grad():
+        got = clip.model.get_base_model().get_submodule(name)(x)
+    assert torch.allclose(got, F.linear(x, plain.weight, plain.bias) + 0.5 * update, atol=TOL)
 
 
 @pytest.mark.parametrize("name", ["text_prompt", "head", "new_proj_dim"])
