@@ -56,9 +56,9 @@ def _load(args: argparse.Namespace) -> tuple[AdaptedCLIP, dict[str, Any] | None]
             raise ValueError("give an adapter, or --model-name (and --pretrained) for the bare base")
         return AdaptedCLIP(load_base(BaseConfig(model_name=args.model_name, pretrained=args.pretrained), device)), None
     folder = resolve_adapter(args.adapter, args.revision)
-    metadata = read_metadata(folder)
+    metadata = _resolve_recorded_source(read_metadata(folder), folder)
     clip = AdaptedCLIP(load_base(_base_config(metadata, args.pretrained), device))
-    clip.add_adapter(ADAPTER, folder)
+    clip.load_adapter(folder, ADAPTER)
     return clip, metadata
 
 
@@ -90,6 +90,16 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"metric:     {key}: {before.get(key, float('nan')):.2f} -> {after[key]:.2f}")
 
 
+def _resolve_recorded_source(metadata: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Metadata with its recorded data source found again (it is stored relative to the adapter folder)."""
+    from .io import resolve_recorded_path
+
+    data = metadata.get("training", {}).get("data", {})
+    if isinstance(data.get("source"), str):
+        data["source"] = resolve_recorded_path(data["source"], folder)
+    return metadata
+
+
 def _eval_data(args: argparse.Namespace, metadata: dict[str, Any] | None) -> DataConfig:
     """The held-out data: the adapter's own training data and split, with any flag given overriding it."""
     from .data import DataConfig
@@ -101,6 +111,9 @@ def _eval_data(args: argparse.Namespace, metadata: dict[str, Any] | None) -> Dat
     config = DataConfig.from_dict({**recorded, **{k: v for k, v in flags.items() if v is not None}})
     if config.source is None:
         raise ValueError("give --source: the adapter records no training data to hold images out of")
+    if args.source is None and "/" not in config.source and not Path(config.source).exists():
+        raise ValueError(f"the adapter records its data source by name only ({config.source!r}: it was outside the "
+                         f"working directory when training); give --source")
     return config
 
 

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import copy
-import ctypes
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import peft
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from torch import nn
 
 from .adapters.strategy import AdapterSpec, apply_strategy, inner_model
-from .models import BaseModel, file_sha256
-from .utils import default_mode, write_json_atomic
+from .models import BaseModel, file_sha256, hub_base_model
+from .utils import cache_root, default_mode, fsync_dir, replace_dir, save_safetensors, write_error, write_json_atomic
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -33,9 +33,15 @@ __all__ = [
     "SavedAdapter",
     "adapter_tensors",
     "check_base",
+    "check_lora_keys",
+    "check_output_dir",
+    "is_adapter_folder",
+    "lock_output_dir",
+    "portable_training",
     "load_adapter",
     "read_adapter",
     "read_metadata",
+    "resolve_recorded_path",
     "save_adapter",
     "save_adapter_weights",
     "save_metrics",
@@ -46,6 +52,9 @@ SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name
 METADATA_NAME = "peftclip_config.json"
 METRICS_NAME = "metrics.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Every file peftclip writes into an adapter folder; a folder holding anything else is the user's.
+ADAPTER_FOLDER_FILES = frozenset({ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, METADATA_NAME, METRICS_NAME,
+                                  "README.md", "training_curves.png"})
 # Floating-point dtypes an adapter may be written in; tensors are cast back to the model's on load.
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,14 +90,14 @@ def save_adapter_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLi
     """
     _check_save_dtype(save_dtype)
     state = {k: v.to(SAVE_DTYPES[save_dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
-    save_file(state, path, metadata={"format": "pt"})
+    save_safetensors(state, path, metadata={"format": "pt"})
     os.chmod(path, default_mode())  # safetensors writes 0600
     return state
 
 
 def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dict[str, Any],
                  strategy: dict[str, Any], training: dict[str, Any] | None = None,
-                 adapter_name: str = "default", save_dtype: str = "fp32") -> Path:
+                 adapter_name: str = "default", save_dtype: str = "fp32", overwrite: bool = True) -> Path:
     """Write `model`'s trainable adapter as a folder that `load_adapter` reads back.
 
     The folder holds `adapter_model.safetensors` (every adapter tensor, LoRA keys as PEFT
@@ -99,72 +108,160 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
 
     Args:
         model: the adapted model (a `peft.PeftModel` when LoRA is on).
-        output_dir: destination folder; replaced if it exists.
+        output_dir: destination folder: absent, empty, or an adapter folder peftclip wrote (replaced
+            when `overwrite`); anything else is refused.
         base_info: `BaseModel.info` of the base the adapter was trained on.
         strategy: `AdapterSpec.to_dict()` of the applied methods.
         training: the training config, recorded for reproducibility.
         adapter_name: which PEFT adapter to save.
         save_dtype: one of SAVE_DTYPES; "bf16" or "fp16" halve the file (floating-point tensors only).
+        overwrite: whether an existing adapter folder at `output_dir` may be replaced.
     """
     _check_save_dtype(save_dtype)
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    output_dir = check_output_dir(output_dir, overwrite=overwrite)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    except OSError as e:
+        raise write_error(output_dir, e) from e
     os.chmod(tmp, default_mode(directory=True))  # mkdtemp creates 0700
     try:
         state = save_adapter_weights(adapter_tensors(model, adapter_name), tmp / SAFETENSORS_WEIGHTS_NAME, save_dtype)
-        if isinstance(model, peft.PeftModel):
-            peft_config = copy.deepcopy(model.peft_config[adapter_name])
-            peft_config.inference_mode = True
-            peft_config.base_model_name_or_path = base_info.get("model_name")
-            peft_config.save_pretrained(str(tmp))
         metadata = {
             "base": base_info,
             "strategy": strategy,
-            "training": training or {},
+            "training": portable_training(training or {}, output_dir),
             "trainable_parameters": sum(v.numel() for v in state.values()),
             "save_dtype": save_dtype,
             "weights_sha256": file_sha256(tmp / SAFETENSORS_WEIGHTS_NAME),
         }
+        if isinstance(model, peft.PeftModel):
+            peft_config = copy.deepcopy(model.peft_config[adapter_name])
+            peft_config.inference_mode = True
+            peft_config.base_model_name_or_path = hub_base_model(base_info) or base_info.get("model_name")
+            from .interop import unloaded_tensors_hint  # interop imports io
+
+            unloaded_tensors_hint(peft_config, [k for k in state if "lora_" not in k])
+            peft_config.save_pretrained(str(tmp))
+            metadata["adapter_config_sha256"] = file_sha256(tmp / ADAPTER_CONFIG_NAME)
+        metadata["metadata_sha256"] = _metadata_sha256(metadata)
         write_json_atomic(tmp / METADATA_NAME, metadata)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, output_dir)
+        fsync_dir(tmp)
+        replace_dir(tmp, output_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(output_dir, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Flush every file in `folder` to disk before the folder is renamed into place."""
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+def _metadata_sha256(metadata: dict[str, Any]) -> str:
+    """Checksum of the metadata itself (every field but this one), so an edited file is noticed."""
+    fields = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+_PATH_FIELDS = (("data", "source"), ("train", "output_dir"), ("train", "resume"))
+_CACHE_VARIABLE = "$PEFTCLIP_CACHE"
+
+
+def portable_training(training: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """`training` with local paths made safe to share, never naming the user's absolute tree: relative to
+    `output_dir` when under the working directory (the user's project), `$PEFTCLIP_CACHE/...` when under
+    peftclip's cache (e.g. the built-in data set), else just the name. `resolve_recorded_path` reverses it."""
+    training = copy.deepcopy(training)
+    cwd, cache = Path.cwd().resolve(), cache_root().resolve()
+    for section, key in _PATH_FIELDS:
+        value = training.get(section, {}).get(key)
+        if not isinstance(value, str) or value == "latest" or not (os.path.isabs(value) or Path(value).exists()):
+            continue  # not a local path (e.g. a Hub dataset id)
+        path = Path(value).resolve()
+        if path == cwd or cwd in path.parents:
+            value = os.path.relpath(path, output_dir.resolve())
+        elif cache in path.parents:
+            value = f"{_CACHE_VARIABLE}/{path.relative_to(cache)}"
+        else:
+            value = path.name
+        training[section][key] = value
+    return training
+
+
+def resolve_recorded_path(value: str, adapter_dir: Path) -> str:
+    """A path `portable_training` recorded, found again from the adapter folder; as given if not there."""
+    if value.startswith(f"{_CACHE_VARIABLE}/"):
+        return str(cache_root() / value.removeprefix(f"{_CACHE_VARIABLE}/"))
+    if not os.path.isabs(value) and (adapter_dir / value).exists():
+        return str((adapter_dir / value).resolve())
+    return value
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder peftclip wrote: its metadata file and nothing but adapter files."""
+    path = Path(path)
+    if not (path / METADATA_NAME).is_file():
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    return all(p.name in ADAPTER_FOLDER_FILES for p in path.iterdir())
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move folder `new` to `target`; an existing `target` is swapped out in one atomic step."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    if _exchange(new, target):  # `new` now holds the old folder
-        shutil.rmtree(new, ignore_errors=True)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Check that an adapter can be written at `output_dir`, before any work is spent on it.
+
+    The target must be absent, an empty folder, or (with `overwrite`) an adapter folder
+    peftclip wrote; a file or a folder of anything else is refused, never replaced. The
+    parent folder is created and must be writable.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.is_symlink() or (output_dir.exists() and not output_dir.is_dir()):
+        raise FileExistsError(f"output {output_dir} exists and is not a folder; choose another --output-dir")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not is_adapter_folder(output_dir):
+            others = sorted(p.name for p in output_dir.iterdir() if p.name not in ADAPTER_FOLDER_FILES)
+            raise FileExistsError(f"output folder {output_dir} holds files peftclip did not write "
+                                  f"({', '.join(others[:3]) or METADATA_NAME + ' missing'}); choose another "
+                                  f"--output-dir (peftclip never replaces such a folder)")
+        if not overwrite:
+            raise FileExistsError(f"output folder {output_dir} holds an adapter already; pass --overwrite to "
+                                  f"replace it, or choose another --output-dir")
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir.parent):
+            pass
+    except OSError as e:
+        raise write_error(output_dir, e) from e
+    return output_dir
+
+
+@contextmanager
+def lock_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on `output_dir` (a `.NAME.lock` file beside it) while a run writes there.
+
+    A second run on the same folder is refused at once with the PID of the first.
+    """
+    output_dir = Path(output_dir)
+    lock = output_dir.with_name(f".{output_dir.name}.lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, default_mode())
+        except OSError as e:
+            raise write_error(lock, e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(f"output folder {output_dir} is in use by PID {owner} (another run writes "
+                                  f"there); wait for it or choose another --output-dir") from None
+        if lock.exists() and os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            break
+        os.close(fd)  # the holder removed the file as we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield output_dir
+    finally:
+        lock.unlink(missing_ok=True)  # while still locked, so no other run ever sees a stale owner
+        os.close(fd)
 
 
 def save_metrics(output_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
@@ -174,8 +271,30 @@ def save_metrics(output_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path
     return path
 
 
-def _check_folder(adapter_dir: Path) -> dict[str, Any]:
-    """The metadata of an adapter folder whose files are all present and safe to read (checksum aside)."""
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from e
+
+
+def _check_metadata(path: Path, metadata: Any) -> None:
+    """Refuse metadata without the fields every reader relies on, naming the first one missing."""
+    if not isinstance(metadata, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+    for key, kind in (("base", dict), ("strategy", dict), ("weights_sha256", str)):
+        if not isinstance(metadata.get(key), kind):
+            raise AdapterError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(metadata["base"].get("model_name"), str):
+        raise AdapterError(f"{path}: field 'base.model_name' is missing")
+    recorded = metadata.get("metadata_sha256")
+    if recorded is not None and recorded != _metadata_sha256(metadata):
+        raise AdapterError(f"{path}: checksum mismatch (the metadata was edited or damaged)")
+
+
+def _check_folder(adapter_dir: Path) -> tuple[dict[str, Any], AdapterSpec]:
+    """The metadata and strategy of an adapter folder whose files are present, parse, and (but for the
+    weights, checked by the caller) match their checksums."""
     if adapter_dir.is_file() or adapter_dir.suffix in _PICKLE_SUFFIXES:
         if adapter_dir.suffix in _PICKLE_SUFFIXES:
             raise AdapterError(f"{adapter_dir}: pickle files are never loaded as adapters; "
@@ -188,14 +307,28 @@ def _check_folder(adapter_dir: Path) -> dict[str, Any]:
         hint = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
         raise AdapterError(f"{adapter_dir}: no {SAFETENSORS_WEIGHTS_NAME}{hint}")
     if not (adapter_dir / METADATA_NAME).is_file():
+        if (adapter_dir / ADAPTER_CONFIG_NAME).is_file():
+            raise AdapterError(f"{adapter_dir}: saved by PEFT (no {METADATA_NAME}); import it with "
+                               f"`peftclip import-peft {adapter_dir} --model-name ...` or peftclip.import_peft_adapter")
         raise AdapterError(f"{adapter_dir}: missing {METADATA_NAME}")
+    metadata = _read_json(adapter_dir / METADATA_NAME)
+    _check_metadata(adapter_dir / METADATA_NAME, metadata)
     try:
-        metadata = json.loads((adapter_dir / METADATA_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{adapter_dir / METADATA_NAME}: not valid JSON ({e})") from e
-    if "lora" in metadata.get("strategy", {}) and not (adapter_dir / ADAPTER_CONFIG_NAME).is_file():
-        raise AdapterError(f"{adapter_dir}: missing {ADAPTER_CONFIG_NAME}")
-    return metadata
+        spec = AdapterSpec.from_dict(metadata["strategy"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise AdapterError(f"{adapter_dir / METADATA_NAME}: bad strategy ({e})") from e
+    config_path = adapter_dir / ADAPTER_CONFIG_NAME
+    if spec.lora is not None:
+        if not config_path.is_file():
+            raise AdapterError(f"{adapter_dir}: missing {ADAPTER_CONFIG_NAME}")
+        peft_config = _read_json(config_path)
+        if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
+            raise AdapterError(f"{config_path}: not a PEFT LoRA config (peft_type "
+                               f"{peft_config.get('peft_type') if isinstance(peft_config, dict) else None!r})")
+        recorded = metadata.get("adapter_config_sha256")
+        if recorded is not None and recorded != file_sha256(config_path):
+            raise AdapterError(f"{config_path}: checksum mismatch (the file was edited or damaged)")
+    return metadata, spec
 
 
 def _check_checksum(weights: Path, metadata: dict[str, Any], actual: str) -> None:
@@ -205,9 +338,9 @@ def _check_checksum(weights: Path, metadata: dict[str, Any], actual: str) -> Non
 
 
 def read_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check an adapter folder's metadata; refuses pickles and altered weights."""
+    """Read and check an adapter folder's metadata; refuses pickles, altered files and bad metadata."""
     adapter_dir = Path(adapter_dir)
-    metadata = _check_folder(adapter_dir)
+    metadata, _ = _check_folder(adapter_dir)
     weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
     _check_checksum(weights, metadata, file_sha256(weights))
     return metadata
@@ -234,22 +367,31 @@ class SavedAdapter:
 
 
 def read_adapter(adapter_dir: str | os.PathLike, base_info: dict[str, Any] | None = None) -> SavedAdapter:
-    """Read an adapter folder: the weights are read once, checked against their checksum, then parsed.
+    """Read an adapter folder: every check of `read_metadata`, the weights read once and parsed.
 
-    With `base_info`, also checks that the adapter was trained on that base.
+    With `base_info`, also checks that the adapter was trained on that base. `load_adapter`
+    and `AdaptedCLIP` both read adapters through this one function.
     """
     adapter_dir = Path(adapter_dir)
-    metadata = _check_folder(adapter_dir)
+    metadata, spec = _check_folder(adapter_dir)
     weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
     data = weights.read_bytes()
     _check_checksum(weights, metadata, hashlib.sha256(data).hexdigest())
     if base_info is not None:
         check_base(adapter_dir, metadata["base"], base_info)
     try:
-        spec = AdapterSpec.from_dict(metadata["strategy"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise AdapterError(f"{adapter_dir / METADATA_NAME}: bad strategy ({e})") from e
-    return SavedAdapter(adapter_dir, metadata, spec, load_safetensors(data))
+        tensors = load_safetensors(data)
+    except Exception as e:  # safetensors raises its own error type for a malformed header
+        raise AdapterError(f"{weights}: not a readable safetensors file ({e})") from e
+    return SavedAdapter(adapter_dir, metadata, spec, tensors)
+
+
+def check_lora_keys(saved: SavedAdapter, expected: set[str]) -> None:
+    """Refuse an adapter whose LoRA tensors are not exactly those its config creates (`expected`)."""
+    given = set(saved.lora_tensors)
+    if given != expected:
+        raise AdapterError(f"{saved.folder}: LoRA tensors do not match its config (missing "
+                           f"{sorted(expected - given)[:3]}, unexpected {sorted(given - expected)[:3]})")
 
 
 def check_base(adapter_dir: Path, expected: dict[str, Any], actual: dict[str, Any]) -> None:
@@ -279,9 +421,8 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
         head_weights = torch.zeros(spec.head.n_classes, base.model.visual.output_dim) if spec.head else None
         model, _ = apply_strategy(base.model, spec, base.tokenizer, adapter_name, head_weights=head_weights)
         if spec.lora is not None:
-            result = peft.set_peft_model_state_dict(model, saved.lora_tensors, adapter_name=adapter_name)
-            if result.unexpected_keys:
-                raise AdapterError(f"{saved.folder}: unexpected LoRA tensors {result.unexpected_keys[:3]}")
+            check_lora_keys(saved, set(peft.get_peft_model_state_dict(model, adapter_name=adapter_name)))
+            peft.set_peft_model_state_dict(model, saved.lora_tensors, adapter_name=adapter_name)
         _load_extra_tensors(saved.folder, inner_model(model), saved.other_tensors)
     except (RuntimeError, ValueError, KeyError) as e:
         raise AdapterError(f"{saved.folder}: cannot load onto {base.info.get('model_name')}: {e}") from e

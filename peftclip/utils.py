@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 import types
 import typing
@@ -12,9 +17,41 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 T = TypeVar("T")
+
+# Prefixes wrappers put before an open_clip parameter name: PEFT, the feature cache, DDP.
+_WRAPPER_PREFIXES = ("base_model.model.", "model.", "module.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter or module name as in the plain open_clip model, whatever wrapped it.
+
+    Strips PEFT's `base_model.model.` and `.base_layer.`, the feature cache's `model.`
+    and DDP's `module.`, in any nesting.
+
+    >>> canonical_name("module.model.base_model.model.visual.transformer.resblocks.0.attn.q_proj.base_layer.weight")
+    'visual.transformer.resblocks.0.attn.q_proj.weight'
+    """
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name.removeprefix(prefix), True
+    return name.replace(".base_layer.", ".")
+
+
+def stable_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same in every process and Python version (unlike hash()).
+
+    >>> stable_seed(0, 1, 2) == stable_seed(0, 1, 2) != stable_seed(0, 2, 1)
+    True
+    """
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def cache_root() -> Path:
@@ -94,6 +131,14 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def write_error(path: str | os.PathLike, error: OSError) -> OSError:
+    """A one-line OSError naming `path` and why writing it failed (e.g. the disk is full)."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (free some space or write elsewhere)"
+    return OSError(error.errno, f"cannot write {path}: {reason}")
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write `data` as JSON to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
@@ -111,6 +156,19 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, with its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from e
+
+
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                              metadata: dict[str, str] | None = None) -> Path:
     """Write `tensors` to a temporary file beside `path`, then rename it into place; returns `path`."""
@@ -118,12 +176,48 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_safetensors(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush every file in `folder` to disk before the folder is renamed into place."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move folder `new` to `target`; an existing `target` is swapped out in one atomic step and removed.
+
+    Where renameat2 is missing, the old folder is renamed aside first, so some folder
+    (old or new) is at `target` at every moment but one rename.
+    """
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if _exchange(new, target):  # `new` now holds the old folder
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def human_size(size: float) -> str:

@@ -123,7 +123,7 @@ def test_random_base_loads_without_the_expected_warning_and_keeps_others(caplog)
 
 def test_console_script_is_installed():
     done = subprocess.run([Path(sys.executable).with_name("peftclip"), "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and "{train,info,eval,embed,search,merge,push}" in done.stdout
+    assert done.returncode == 0 and "{train,info,eval,embed,search,merge,push,import-peft}" in done.stdout
 
 
 def test_info_shows_base_strategy_size_and_metrics(adapter, capsys):
@@ -246,7 +246,7 @@ def test_embed_writes_one_row_per_image_and_text(tiny_adapter, shapes, tmp_path,
         assert json.loads(f.metadata()["image_files"])[:2] == ["00000.png", "00001.png"]
         assert json.loads(f.metadata()["texts"]) == ["a red circle", "a blue square"]
     clip = AdaptedCLIP(load_base())
-    clip.add_adapter("a", tiny_adapter)
+    clip.load_adapter(tiny_adapter, "a")
     assert torch.allclose(images[:3], clip.encode_images(sorted((shapes / "images").iterdir())[:3]), atol=1e-5)
     assert torch.allclose(text_rows, clip.encode_texts(["a red circle", "a blue square"]), atol=1e-5)
 
@@ -323,8 +323,10 @@ def _table(text: str) -> dict[str, list[float]]:
 
 @pytest.mark.parametrize("recipe", ["lora_retrieval", "classify"])
 def test_eval_defaults_to_the_adapters_own_held_out_data_and_reproduces_its_metrics(recipe, shapes, tmp_path,
-                                                                                    capsys):
+                                                                                    tmp_path_factory, capsys,
+                                                                                    monkeypatch):
     from peftclip.recipes import classify, lora_retrieval
+    monkeypatch.chdir(tmp_path_factory.getbasetemp())  # the project folder holding data and adapter
     module, source = {"lora_retrieval": (lora_retrieval, shapes), "classify": (classify, shapes / "labels.csv")}[recipe]
     out = tmp_path / "adapter"
     metrics = module.main(["--source", str(source), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "8",
@@ -335,6 +337,16 @@ def test_eval_defaults_to_the_adapters_own_held_out_data_and_reproduces_its_metr
     assert set(rows) == set(metrics["after"])
     for key in rows:
         assert rows[key] == pytest.approx([metrics["before"][key], metrics["after"][key]], abs=0.01), key
+
+
+def test_eval_names_a_source_recorded_by_name_only(shapes, tmp_path, capsys):
+    from peftclip.recipes import lora_retrieval
+    out = tmp_path / "adapter"  # the working directory (the repository) does not hold the data
+    lora_retrieval.main(["--source", str(shapes), "--output-dir", str(out), "--max-steps", "1", "--batch-size", "8",
+                         "--num-workers", "0", "--cpu"])
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 2
+    assert "records its data source by name only ('shapes':" in capsys.readouterr().err
 
 
 def test_eval_of_the_bare_base_has_one_column(shapes, capsys):
