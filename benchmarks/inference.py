@@ -57,7 +57,7 @@ def measure_switching(config: BaseConfig, folders: dict[str, Path], repeats: int
     """Median seconds to switch between adapters on one loaded base, and to reload base + adapter."""
     clip = AdaptedCLIP(load_base(config))
     for name, folder in folders.items():
-        clip.add_adapter(name, folder)
+        clip.load_adapter(folder, name)
     switches = {}
     for first, second in SWITCHES:
         def switch_twice(first=first, second=second):
@@ -73,9 +73,9 @@ def measure_throughput(config: BaseConfig, folders: dict[str, Path], batch_size:
     """Images/s of encode_image: the bare open_clip base, LoRA unmerged, and LoRA merged."""
     bare = load_base(config).model
     unmerged = AdaptedCLIP(load_base(config))
-    unmerged.add_adapter("lora", folders["lora_a"])
+    unmerged.load_adapter(folders["lora_a"], "lora")
     merged = AdaptedCLIP(load_base(config))
-    merged.add_adapter("lora", folders["lora_a"])
+    merged.load_adapter(folders["lora_a"], "lora")
     merged.merge("lora")
     models = {"base": bare, "unmerged": unmerged.model, "merged": merged.model}
     size = bare.visual.image_size

@@ -166,7 +166,7 @@ def _usage_section(repo_id: str, base: dict[str, Any]) -> list[str]:
     return ["## Usage", "", "```python", "from peftclip import AdaptedCLIP, BaseConfig, load_base", "",
             f"base = load_base(BaseConfig(model_name={base['model_name']!r}, pretrained={pretrained}))",
             "clip = AdaptedCLIP(base)",
-            f"clip.add_adapter('adapter', {repo_id!r})",
+            f"clip.load_adapter({repo_id!r}, 'adapter')",
             "image_features = clip.encode_images(['photo.jpg'])",
             "probs = clip.classify(['photo.jpg'], ['cat', 'dog'])", "```", "",
             "or from the command line:", "", "```bash", f"peftclip info {repo_id}",

@@ -10,8 +10,10 @@ Switching therefore moves references, never weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -39,9 +41,9 @@ from .adapters.prompts import (
 from .data import decode_image
 from .hub import resolve_adapter
 from .index import default_index_path, image_index
-from .io import AdapterError, SavedAdapter, read_adapter
+from .io import AdapterError, SavedAdapter, check_lora_keys, read_adapter
 from .models import BaseModel
-from .utils import write_safetensors_atomic
+from .utils import canonical_name, write_safetensors_atomic
 
 __all__ = ["ACTIVE", "AdaptedCLIP", "export_open_clip_state_dict"]
 
@@ -55,9 +57,13 @@ _MODULE_SETTERS: dict[str, Callable[[nn.Module, nn.Module | None], None]] = {
 }
 
 
-def _canonical(name: str) -> str:
-    """A parameter name as in the plain open_clip model, whatever PEFT wrapped around it."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+def _locked(method: Callable) -> Callable:
+    """Run `method` holding the instance's lock, so switching, running and restoring never interleave."""
+    @functools.wraps(method)
+    def locked(self: "AdaptedCLIP", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 @dataclass
@@ -90,7 +96,7 @@ class AdaptedCLIP:
         base: the frozen base every adapter was trained on.
 
     >>> clip = AdaptedCLIP(load_base())  # doctest: +SKIP
-    >>> clip.add_adapter("shapes", "outputs/lora_retrieval")  # doctest: +SKIP
+    >>> clip.load_adapter("outputs/lora_retrieval", adapter_name="shapes")  # doctest: +SKIP
     >>> features = clip.encode_images(images, adapter="shapes")  # doctest: +SKIP
     >>> base_features = clip.encode_images(images, adapter=None)  # doctest: +SKIP
     """
@@ -105,6 +111,9 @@ class AdaptedCLIP:
         self._slots: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}  # name -> (owner, attr, base value)
         self._lora_count = 0
         self._lora_on = False  # whether PEFT's LoRA layers are enabled
+        # Held while an adapter is switched in, used and switched back: calls from several threads
+        # run one after another instead of seeing each other's adapter.
+        self._lock = threading.RLock()
         convert_attention(self._inner)
         self._inner.requires_grad_(False).eval()
 
@@ -119,11 +128,14 @@ class AdaptedCLIP:
 
     # -- attaching ---------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, source: str | os.PathLike, revision: str | None = None) -> None:
-        """Attach the adapter in folder or Hub repo `source` under `name`, and make it active.
+    @_locked
+    def load_adapter(self, source: str | os.PathLike, adapter_name: str, revision: str | None = None) -> None:
+        """Attach the adapter in folder or Hub repo `source` under `adapter_name`, and make it active.
 
-        Raises `AdapterError` when it is unreadable, altered, or for another base.
+        Raises `AdapterError` when it is unreadable, altered, or for another base; nothing
+        stays attached then.
         """
+        name = adapter_name
         if not name or name == ACTIVE or name in self._attached:
             raise ValueError(f"adapter name {name!r} is empty, reserved or attached already")
         if self.merged is not None:
@@ -144,15 +156,25 @@ class AdaptedCLIP:
     def _build(self, saved: SavedAdapter) -> _Attached:
         """Everything the adapter puts in place of the base, loaded from its tensors and checked."""
         record = _Attached(saved, self.base.tokenizer)
-        if saved.spec.lora is not None:
-            record.peft_name = self._add_lora(saved)
+        was_peft = isinstance(self.model, peft.PeftModel)
         try:
+            if saved.spec.lora is not None:
+                record.peft_name = self._add_lora(saved)
             self._build_other(record)
         except BaseException:
-            if record.peft_name:
-                self.model.delete_adapter(record.peft_name)
+            self._remove_lora(record.peft_name, was_peft)
             raise
         return record
+
+    def _remove_lora(self, peft_name: str | None, was_peft: bool) -> None:
+        """Undo a LoRA adapter added by a failed attach: remove PEFT's wrapping too if it came with it."""
+        if not isinstance(self.model, peft.PeftModel):
+            return
+        if not was_peft:
+            self.model = self.model.unload()  # the LoRA layers go; `_inner` is the plain model again
+            self._lora_on = False
+        elif peft_name in self.model.peft_config:
+            self.model.delete_adapter(peft_name)
 
     def _build_other(self, record: _Attached) -> None:
         spec, inner = record.saved.spec, self._inner
@@ -181,12 +203,11 @@ class AdaptedCLIP:
             self.model.add_adapter(name, config)
         else:
             self.model = peft.get_peft_model(self._inner, config, adapter_name=name)
-        expected = set(peft.get_peft_model_state_dict(self.model, adapter_name=name))
-        if expected != set(saved.lora_tensors):
+        try:
+            check_lora_keys(saved, set(peft.get_peft_model_state_dict(self.model, adapter_name=name)))
+        except AdapterError:
             self.model.delete_adapter(name)
-            raise AdapterError(f"{saved.folder}: LoRA tensors do not match its config (missing "
-                               f"{sorted(expected - set(saved.lora_tensors))[:3]}, unexpected "
-                               f"{sorted(set(saved.lora_tensors) - expected)[:3]})")
+            raise
         peft.set_peft_model_state_dict(self.model, saved.lora_tensors, adapter_name=name)
         self.model.requires_grad_(False)
         return name
@@ -194,8 +215,8 @@ class AdaptedCLIP:
     def _base_overrides(self, saved: SavedAdapter, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The adapter's values for base parameters, checked against what its strategy unfreezes."""
         partial = saved.spec.partial
-        names = {_canonical(n) for n in select_parameters(self._inner, partial)} if partial else set()
-        given = {_canonical(n): t for n, t in tensors.items()}
+        names = {canonical_name(n) for n in select_parameters(self._inner, partial)} if partial else set()
+        given = {canonical_name(n): t for n, t in tensors.items()}
         if set(given) != names:
             raise AdapterError(f"{saved.folder}: tensors do not match the strategy (missing "
                                f"{sorted(names - set(given))[:3]}, unexpected {sorted(set(given) - names)[:3]})")
@@ -220,6 +241,7 @@ class AdaptedCLIP:
             self._slots[canon] = (owner, attr, owner._parameters[attr])
         return self._slots[canon]
 
+    @_locked
     def delete_adapter(self, name: str) -> None:
         """Detach adapter `name` and free its tensors."""
         record = self._require(name)
@@ -238,6 +260,7 @@ class AdaptedCLIP:
             raise ValueError(f"no adapter named {name!r}; attached: {self.adapters or 'none'}")
         return self._attached[name]
 
+    @_locked
     def set_adapter(self, name: str | None) -> None:
         """Make adapter `name` active, or none of them (the bare base) with None."""
         if name is not None:
@@ -270,12 +293,13 @@ class AdaptedCLIP:
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator[nn.Module]:
         """Run a block with adapter `name` active (None: the bare base), then restore the previous one."""
-        previous = self.active_adapter
-        self.set_adapter(name)
-        try:
-            yield self.model
-        finally:
-            self._activate(previous)
+        with self._lock:
+            previous = self.active_adapter
+            self.set_adapter(name)
+            try:
+                yield self.model
+            finally:
+                self._activate(previous)
 
     def tokenizer(self, name: str | None = ACTIVE) -> Callable[[list[str]], torch.Tensor]:
         """The tokenizer texts need under adapter `name` (text prompts add their placeholders)."""
@@ -284,6 +308,7 @@ class AdaptedCLIP:
 
     # -- merging and interpolating -------------------------------------------------------------
 
+    @_locked
     def set_scale(self, name: str, alpha: float) -> None:
         """Interpolate adapter `name` between the base (alpha=0) and itself (alpha=1), WiSE-FT style.
 
@@ -307,6 +332,7 @@ class AdaptedCLIP:
         if self.active_adapter == name:
             self._activate(name, force=True)
 
+    @_locked
     def merge(self, name: str | None = None) -> None:
         """Activate adapter `name` (default: the active one) and fold its LoRA weights into the base's.
 
@@ -324,6 +350,7 @@ class AdaptedCLIP:
             self.model.base_model.merge_adapter([record.peft_name])
         self.merged = name
 
+    @_locked
     def unmerge(self) -> None:
         """Take the merged adapter's LoRA weights back out of the base's; it stays active."""
         if self.merged is None:
@@ -332,6 +359,7 @@ class AdaptedCLIP:
             self.model.base_model.unmerge_adapter()
         self.merged = None
 
+    @_locked
     def export_merged(self, name: str, path: str | os.PathLike) -> Path:
         """Write base + adapter `name` (at its current scale) as a plain open_clip `.safetensors` checkpoint.
 
@@ -444,11 +472,12 @@ class AdaptedCLIP:
 
     @contextlib.contextmanager
     def _using(self, adapter: str | None) -> Iterator[None]:
-        if adapter == ACTIVE:
-            yield
-        else:
-            with self.using(adapter):
+        with self._lock:
+            if adapter == ACTIVE:
                 yield
+            else:
+                with self.using(adapter):
+                    yield
 
 
 def _batched(items: ImageInput | list[str], batch_size: int, what: str,

@@ -179,7 +179,7 @@ def test_model_card_front_matter_and_body(adapter):
                  "| lora | lora_alpha | `6.0` |", f"Trainable parameters: {trainable:,}; adapter file: {size} (fp32)",
                  "| text_to_image_R@1 | 1.50 | 57.25 |", "| lr | `0.003` |", "| data | `captions.csv` |",
                  "base = load_base(BaseConfig(model_name='peftclip-tiny', pretrained=None))",
-                 "clip.add_adapter('adapter', 'someone/shapes-lora')"):
+                 "clip.load_adapter('someone/shapes-lora', 'adapter')"):
         assert text in card, text
 
 
@@ -276,7 +276,7 @@ def test_nothing_in_a_downloaded_repo_is_executed(adapter, tmp_path, offline):
     files["modeling.py"] = f"open({str(marker)!r}, 'w')\n".encode()
     _fill_cache(tmp_path / "cache", "someone/booby-trapped", files)
     clip = AdaptedCLIP(load_base())
-    clip.add_adapter("trap", resolve_adapter("someone/booby-trapped", cache_dir=tmp_path / "cache"))
+    clip.load_adapter(resolve_adapter("someone/booby-trapped", cache_dir=tmp_path / "cache"), "trap")
     assert torch.allclose(clip.encode_images(image_batch(clip.model), normalize=False), outputs, atol=1e-5)
     assert not marker.exists()
 
@@ -288,7 +288,7 @@ def test_adapted_clip_and_cli_take_repo_ids_from_the_offline_cache(adapter, tmp_
     _fill_cache(tmp_path / "cache", "someone/shapes-lora", {p.name: p.read_bytes() for p in folder.iterdir()},
                 revision="v2", commit="c" * 40)
     clip = AdaptedCLIP(load_base())
-    clip.add_adapter("shapes", "someone/shapes-lora", revision="v2")
+    clip.load_adapter("someone/shapes-lora", "shapes", revision="v2")
     assert torch.allclose(clip.encode_images(image_batch(clip.model), normalize=False), outputs, atol=1e-5)
     assert main(["info", "someone/shapes-lora", "--revision", "v2"]) == 0
     assert "lora: blocks=all" in capsys.readouterr().out

@@ -74,7 +74,7 @@ def _close(got, want, atol=TOL):
 def _attached(zoo, *names):
     clip = AdaptedCLIP(load_base())
     for name in names:
-        clip.add_adapter(name, zoo[name][0])
+        clip.load_adapter(zoo[name][0], name)
     return clip
 
 
@@ -234,9 +234,10 @@ def test_classify_defaults_to_the_classes_and_templates_an_adapter_was_trained_w
     shutil.copytree(zoo["text_prompt"][0], folder)
     metadata = json.loads((folder / "peftclip_config.json").read_text())
     metadata["training"] = {"class_names": CLASS_NAMES, "classify": {"templates": ["a {} shape."]}}
+    del metadata["metadata_sha256"]  # hand-edited, as a folder from before metadata checksums
     (folder / "peftclip_config.json").write_text(json.dumps(metadata))
     clip = _attached(zoo)
-    clip.add_adapter("coop", folder)
+    clip.load_adapter(folder, "coop")
     images = image_batch(clip.model, n=2)
     want = clip.classify(images, CLASS_NAMES, templates=["a {} shape."])
     assert torch.allclose(clip.classify(images), want, atol=1e-6)
@@ -297,7 +298,7 @@ def test_delete_adapter_frees_its_name_and_keeps_the_others(zoo):
     clip = _attached(zoo, "lora", "second_lora", "projections")
     clip.delete_adapter("lora")
     assert clip.adapters == ["second_lora", "projections"]
-    clip.add_adapter("lora", zoo["lora"][0])
+    clip.load_adapter(zoo["lora"][0], "lora")
     for name in ("lora", "second_lora", "projections"):
         with clip.using(name) as model:
             assert _close(_outputs(model, clip.tokenizer()), zoo[name][1]), name
@@ -309,14 +310,14 @@ def test_second_adapter_for_another_base_is_refused(zoo, tmp_path):
     model, _ = apply_strategy(base.model, SPECS["lora"])
     out = save_adapter(model, tmp_path / "other", base.info, SPECS["lora"].to_dict())
     with pytest.raises(AdapterError, match="trained on base"):
-        clip.add_adapter("other", out)
+        clip.load_adapter(out, "other")
 
 
 @pytest.mark.parametrize("name", ["", "lora", inference.ACTIVE])
 def test_bad_or_taken_names_are_refused(zoo, name):
     clip = _attached(zoo, "lora")
     with pytest.raises(ValueError, match="empty, reserved or attached already"):
-        clip.add_adapter(name, zoo["projections"][0])
+        clip.load_adapter(zoo["projections"][0], name)
 
 
 @pytest.mark.parametrize("donor", ["projections", "lora", "text_prompt"])
@@ -332,11 +333,36 @@ def test_tensors_that_do_not_fit_the_strategy_are_refused_and_leave_the_model_us
     shutil.copy(zoo[donor][0] / SAFETENSORS_WEIGHTS_NAME, victim / SAFETENSORS_WEIGHTS_NAME)
     metadata = json.loads((victim / "peftclip_config.json").read_text())
     metadata["weights_sha256"] = file_sha256(victim / SAFETENSORS_WEIGHTS_NAME)
+    del metadata["metadata_sha256"]  # as a folder from before metadata checksums
     (victim / "peftclip_config.json").write_text(json.dumps(metadata))
     clip = _attached(zoo, "second_lora")
     with pytest.raises(AdapterError, match="do not match the strategy"):
-        clip.add_adapter("victim", victim)
+        clip.load_adapter(victim, "victim")
     assert clip.adapters == ["second_lora"] and clip.active_adapter == "second_lora"
     assert _close(_outputs(clip.model, clip.tokenizer()), zoo["second_lora"][1])
     clip.set_adapter(None)
     assert _close(_outputs(clip.model, clip.tokenizer()), base_outputs)
+
+
+def test_threads_switching_adapters_each_get_their_own_adapters_outputs(zoo):
+    """Two threads calling with different adapters never see each other's adapter mid-call."""
+    import threading
+
+    clip = _attached(zoo, "lora", "projections")
+    images = image_batch(clip.model, n=2)
+    want = {name: clip.encode_images(images, adapter=name) for name in ("lora", "projections", None)}
+    wrong: list[str | None] = []
+
+    def work(names):
+        for _ in range(60):
+            for name in names:
+                if not torch.equal(clip.encode_images(images, adapter=name), want[name]):
+                    wrong.append(name)
+
+    threads = [threading.Thread(target=work, args=(names,)) for names in (("lora", None), ("projections", "lora"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+    assert clip.active_adapter == "projections"  # the last attached, as before the threads ran
