@@ -1,4 +1,4 @@
-"""Split open_clip's fused attention into plain q/k/v/out linear layers.
+"""Split fused attention projections into plain q/k/v/out linear layers, output for output.
 
 open_clip blocks use `nn.MultiheadAttention`, whose q, k and v weights live in one
 fused `in_proj_weight` parameter. PEFT can only put LoRA on the fused module as a
@@ -6,6 +6,14 @@ whole, and PEFT 0.21 adds the `out_proj` update twice there (W + 2·BA·s). Repl
 each attention with `SplitMultiheadAttention`, which computes the same function
 from four `nn.Linear` layers, lets PEFT target each projection as an ordinary
 linear layer with exact LoRA math.
+
+timm's attention (ViT, SigLIP, EVA, Swin, FastViT) keeps q, k and v in one `qkv`
+linear that its forward only ever calls (`self.qkv(x)`); `SplitQKV` replaces it by
+three linears whose outputs are concatenated, so LoRA on `q` adapts q alone, as in
+the native ViT. EVA's separate `q_bias`/`v_bias` (which make its forward call
+`F.linear` on `qkv.weight` directly) are folded into the split biases. open_clip's
+ResNet `AttentionPool2d` passes its weights to `F.multi_head_attention_forward`
+directly; `SplitAttentionPool2d` calls its linears instead.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SplitMultiheadAttention", "convert_attention"]
+__all__ = ["SplitAttentionPool2d", "SplitMultiheadAttention", "SplitQKV", "convert_attention"]
 
 
 class SplitMultiheadAttention(nn.Module):
@@ -107,9 +115,79 @@ class SplitMultiheadAttention(nn.Module):
         return out, None
 
 
-def convert_attention(model: nn.Module) -> int:
-    """Replace every `nn.MultiheadAttention` in `model` by an equivalent `SplitMultiheadAttention`.
+class SplitQKV(nn.Module):
+    """Three linears standing in for a fused `qkv` linear: `forward(x)` is `cat(q(x), k(x), v(x))`."""
 
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = q_proj, k_proj, v_proj
+
+    @classmethod
+    def from_fused(cls, qkv: nn.Linear, biases: tuple[torch.Tensor | None, ...] = (None, None, None)) -> "SplitQKV":
+        """Split `qkv` into three equal linears; `biases` (EVA's q/k/v_bias) replace the fused bias when given."""
+        dim = qkv.out_features // 3
+        has_bias = qkv.bias is not None or any(b is not None for b in biases)
+        factory = {"device": qkv.weight.device, "dtype": qkv.weight.dtype}
+        linears = [nn.Linear(qkv.in_features, dim, bias=has_bias, **factory) for _ in range(3)]
+        fused_bias = qkv.bias.detach().chunk(3) if qkv.bias is not None else (None, None, None)
+        with torch.no_grad():
+            for i, linear in enumerate(linears):
+                linear.weight.copy_(qkv.weight[i * dim:(i + 1) * dim])
+                bias = biases[i] if biases[i] is not None else fused_bias[i]
+                if has_bias:
+                    linear.bias.copy_(bias if bias is not None else torch.zeros(dim, **factory))
+                linear.requires_grad_(qkv.weight.requires_grad)
+        return cls(*linears)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+
+class SplitAttentionPool2d(nn.Module):
+    """open_clip's ResNet `AttentionPool2d` computed by calling its q/k/v/c linears (same parameters, same names)."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.positional_embedding = pool.positional_embedding
+        self.k_proj, self.q_proj, self.v_proj, self.c_proj = pool.k_proj, pool.q_proj, pool.v_proj, pool.c_proj
+        self.num_heads = pool.num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
+        batch, length, width = x.shape
+        heads = self.num_heads
+        # Only the mean token's output is kept, so only its query is computed: (N, heads, 1 | L, head_dim).
+        q = self.q_proj(x[:, :1]).view(batch, 1, heads, -1).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, heads, -1).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, width)
+        return self.c_proj(out)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _split_fused_qkv(model: nn.Module) -> int:
+    """Replace every attention's fused `qkv` linear (timm's layout) by a `SplitQKV`."""
+    owners = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "qkv", None), nn.Linear)]
+    for name, owner in owners:
+        biases = tuple(getattr(owner, f"{x}_bias", None) for x in "qkv")
+        owner.qkv = SplitQKV.from_fused(owner.qkv, tuple(None if b is None else b.detach() for b in biases))
+        for x in "qkv":  # folded into the split biases; None makes EVA's forward call self.qkv(x)
+            if getattr(owner, f"{x}_bias", None) is not None:
+                setattr(owner, f"{x}_bias", None)
+    return len(owners)
+
+
+def convert_attention(model: nn.Module) -> int:
+    """Make every attention projection in `model` a plain linear layer, computing the same outputs.
+
+    Replaces each `nn.MultiheadAttention` by a `SplitMultiheadAttention`, each fused timm `qkv`
+    linear by a `SplitQKV`, and open_clip's ResNet `AttentionPool2d` by a `SplitAttentionPool2d`.
     Returns the number of modules replaced (0 when `model` is already converted).
 
     >>> n = convert_attention(open_clip.create_model("ViT-B-32"))  # doctest: +SKIP
@@ -119,9 +197,10 @@ def convert_attention(model: nn.Module) -> int:
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.MultiheadAttention)]
     for name, mha in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         split = SplitMultiheadAttention.from_mha(mha)
         split.train(mha.training)
-        setattr(parent, child, split)
-    return len(targets)
+        _replace(model, name, split)
+    pools = [(name, module) for name, module in model.named_modules() if type(module).__name__ == "AttentionPool2d"]
+    for name, pool in pools:
+        _replace(model, name, SplitAttentionPool2d(pool).train(pool.training))
+    return len(targets) + len(pools) + _split_fused_qkv(model)

@@ -1,4 +1,13 @@
-"""LoRA on open_clip's attention and MLP projections, through PEFT, with exact math."""
+"""LoRA on the attention and MLP projections of every open_clip tower family, through PEFT, with exact math.
+
+Where LoRA goes comes from the family registry (`peftclip.families`): the same short
+target names (`q`, `k`, `v`, `out`, and open_clip's `c_fc` / `c_proj` for the MLP's input
+and output layers) mean the same layers in every family, plus family-specific ones
+(`conv2`, the 3x3 convolution of a ResNet bottleneck). Fused q/k/v weights are split into
+separate linears first (`convert_attention`), so LoRA on `q` adapts q alone, exactly
+W + B·A·alpha/r, in timm ViT/SigLIP/EVA/Swin/FastViT towers as in the native ViT.
+Convolutional layers (ResNet bottlenecks, FastViT's 1x1 MLP) get PEFT's Conv2d LoRA.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +18,18 @@ from typing import Any, ClassVar
 import peft
 from torch import nn
 
+from ..families import FAMILIES, TOWERS, block_paths, family_of, tower_prefix
 from ..utils import ConfigMixin
 from .attention import convert_attention
 
-__all__ = ["LoraConfig", "TARGETS", "TOWERS", "apply_lora", "lora_parameter_count", "lora_target_names",
-           "tower_blocks_path"]
+__all__ = ["LORA_TARGETS", "LoraConfig", "TARGETS", "TOWERS", "apply_lora", "lora_parameter_count",
+           "lora_target_names", "tower_blocks_path"]
 
-# Where each tower keeps its residual blocks in open_clip's `CLIP` (and `CustomTextCLIP`).
-TOWERS: dict[str, tuple[str, ...]] = {
-    "vision": ("visual.transformer.resblocks",),
-    "text": ("transformer.resblocks", "text.transformer.resblocks"),
-}
-# Short target names and the module path inside a block after `convert_attention`.
-TARGETS: dict[str, str] = {
-    "q": "attn.q_proj",
-    "k": "attn.k_proj",
-    "v": "attn.v_proj",
-    "out": "attn.out_proj",
-    "c_fc": "mlp.c_fc",
-    "c_proj": "mlp.c_proj",
-}
+# The shared target names and their paths inside a native open_clip block after `convert_attention`.
+TARGETS: dict[str, str] = {name: paths[0] for name, paths in FAMILIES[0].targets.items()}
+# Every target name some family knows: the shared ones first, then family-specific ones.
+LORA_TARGETS: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES for t in f.target_names))
+_NATIVE = ("vit", "text")  # the families `to_peft_config`'s compact regex covers
 
 
 @dataclass
@@ -44,7 +45,8 @@ class LoraConfig(ConfigMixin):
         metadata={"help": "'all', an int N for the last N blocks, or a list of block indices (negative counts "
                   "from the end)."})
     target_modules: list[str] = field(default_factory=lambda: list(TARGETS),
-                                      metadata={"help": f"Projections to adapt, among {list(TARGETS)}."})
+                                      metadata={"help": f"Projections to adapt, among {list(LORA_TARGETS)}; a family "
+                                                        "adapts those it has (see peftclip.families)."})
     r: int = field(default=4, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator: the update is B·A·alpha/r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
@@ -58,8 +60,8 @@ class LoraConfig(ConfigMixin):
         if not self.towers:
             raise ValueError("towers must name at least one tower")
         for target in self.target_modules:
-            if target not in TARGETS:
-                raise ValueError(f"unknown LoRA target {target!r}; choose from {list(TARGETS)}")
+            if target not in LORA_TARGETS:
+                raise ValueError(f"unknown LoRA target {target!r}; choose from {list(LORA_TARGETS)}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one projection")
         if isinstance(self.blocks, str) and self.blocks != "all":
@@ -93,47 +95,69 @@ def _block_indices(blocks: str | int | list[int], n_blocks: int, tower: str) -> 
 
 
 def lora_target_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Full names of the linear layers that `config` puts LoRA on, in a converted `model`."""
+    """Full names of the layers `config` puts LoRA on, in a converted `model`, tower by tower, block by block.
+
+    Each tower adapts the targets its family has; a tower whose family has none of them is an error.
+    """
     names = []
     for tower in config.towers:
-        prefix = tower_blocks_path(model, tower)
-        n_blocks = len(model.get_submodule(prefix))
-        for index in _block_indices(config.blocks, n_blocks, tower):
-            for target in config.target_modules:
-                name = f"{prefix}.{index}.{TARGETS[target]}"
-                _linear(model, name)
-                names.append(name)
+        family = family_of(model, tower)
+        wanted = [t for t in config.target_modules if t in family.target_names]
+        if not wanted:
+            raise ValueError(f"the {family.name} {tower} tower has none of the LoRA targets {config.target_modules}; "
+                             f"it has {family.target_names}")
+        blocks = block_paths(model, tower)
+        for index in _block_indices(config.blocks, len(blocks), tower):
+            names += _present(model, blocks[index], [p for t in wanted for p in family.targets.get(t, ())])
+        prefix = tower_prefix(model, tower)
+        names += _present(model, prefix[:-1], [p for t in wanted for p in family.tower_targets.get(t, ())])
+    for name in names:
+        _layer(model, name)
     return names
 
 
-def _linear(model: nn.Module, name: str) -> nn.Linear:
-    """The linear layer at `name`, looking through a PEFT wrapper if there is one."""
+def _present(model: nn.Module, owner: str, paths: list[str]) -> list[str]:
+    """`owner.path` for each path that exists in `model`, in order."""
+    found = []
+    for path in paths:
+        name = f"{owner}.{path}" if owner else path
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            continue
+        found.append(name)
+    return found
+
+
+def _layer(model: nn.Module, name: str) -> nn.Linear | nn.Conv2d:
+    """The linear or convolution layer at `name`, looking through a PEFT wrapper if there is one."""
     module = model.get_submodule(name)
     module = getattr(module, "base_layer", module)
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer; this block type is not supported")
+    if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "groups", 1) != 1:
+        raise ValueError(f"{name} is a {type(module).__name__}, not a linear or dense convolution layer; "
+                         f"LoRA cannot adapt it")
     return module
 
 
 def tower_blocks_path(model: nn.Module, tower: str) -> str:
-    """Dotted path of `tower`'s residual block list in `model`."""
-    for path in TOWERS[tower]:
-        try:
-            model.get_submodule(path)
-        except AttributeError:
-            continue
-        return path
-    looked = ", ".join(TOWERS[tower])
-    raise ValueError(f"{type(model).__name__} has no {tower} transformer blocks (looked for {looked})")
+    """Dotted path of `tower`'s one block list in `model` (for families whose blocks are not split into stages)."""
+    family = family_of(model, tower)
+    if len(family.blocks) != 1 or "*" in family.blocks[0]:
+        raise ValueError(f"the {family.name} {tower} tower keeps its blocks in stages ({family.blocks}), "
+                         f"not in one list; use peftclip.families.block_paths")
+    return tower_prefix(model, tower) + family.blocks[0]
 
 
 def lora_parameter_count(model: nn.Module, config: LoraConfig) -> int:
-    """Trainable parameters LoRA adds: r·(in + out) for each targeted linear layer."""
+    """Trainable parameters LoRA adds: r·(in + out) per linear layer, r·(in·kh·kw + out) per convolution."""
     convert_attention(model)
     total = 0
     for name in lora_target_names(model, config):
-        linear = _linear(model, name)
-        total += config.r * (linear.in_features + linear.out_features)
+        layer = _layer(model, name)
+        if isinstance(layer, nn.Conv2d):
+            total += config.r * (layer.weight[0].numel() + layer.out_channels)  # weight: (out, in, kh, kw)
+        else:
+            total += config.r * (layer.in_features + layer.out_features)
     return total
 
 
@@ -203,4 +227,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     >>> peft_model = apply_lora(load_base().model, LoraConfig(r=4))  # doctest: +SKIP
     """
     convert_attention(model)
-    return peft.get_peft_model(model, to_peft_config(model, config, **peft_overrides), adapter_name=adapter_name)
+    if all(family_of(model, tower).name in _NATIVE for tower in config.towers):
+        peft_config = to_peft_config(model, config, **peft_overrides)
+    else:  # TODO(to_peft_config owner): build the compact regex from lora_target_names for every family
+        pattern = "|".join(re.escape(name) for name in lora_target_names(model, config))
+        peft_config = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                      target_modules=f"^(?:{pattern})$", bias="none", **peft_overrides)
+    return peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
