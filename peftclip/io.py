@@ -85,7 +85,7 @@ def save_adapter_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLi
 
     Returns the tensors as written.
 
-    >>> save_adapter_weights({"w": torch.ones(2)}, "/tmp/a.safetensors", "bf16")["w"].dtype
+    >>> save_adapter_weights({"w": torch.ones(2)}, "a.safetensors", "bf16")["w"].dtype
     torch.bfloat16
     """
     _check_save_dtype(save_dtype)

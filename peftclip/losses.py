@@ -53,7 +53,8 @@ def loss_for(model: nn.Module) -> nn.Module:
     `SigLipLoss` when the (unwrapped) model has a `logit_bias`, else `ClipLoss`; either is
     called as `loss(image_features, text_features, logit_scale[, logit_bias])`.
 
-    >>> type(loss_for(load_base().model)).__name__  # doctest: +SKIP
+    >>> from peftclip.models import load_base
+    >>> type(loss_for(load_base().model)).__name__
     'ClipLoss'
     """
     return _create_loss(getattr(_clip_model(model), "logit_bias", None) is not None)

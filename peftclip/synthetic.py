@@ -81,8 +81,8 @@ def make_shapes_dataset(root: str | os.PathLike, n_images: int = 600, seed: int 
         seed: seed of the attributes and the drawing jitter.
         image_size: side of the square PNGs in pixels.
 
-    >>> make_shapes_dataset("/tmp/shapes", n_images=10)  # doctest: +SKIP
-    PosixPath('/tmp/shapes')
+    >>> make_shapes_dataset("shapes", n_images=10)
+    PosixPath('shapes')
     """
     if n_images < 1:
         raise ValueError(f"n_images={n_images!r}: must be at least 1")

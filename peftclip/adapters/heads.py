@@ -41,7 +41,10 @@ def zero_shot_weights(model: nn.Module, tokenizer: Callable, class_names: Sequen
                       templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
     """(n_classes, embed_dim) averaged, normalised text embeddings of each class's prompts.
 
-    >>> weights = zero_shot_weights(base.model, base.tokenizer, ["cat", "dog"])  # doctest: +SKIP
+    >>> from peftclip.models import load_base
+    >>> base = load_base()
+    >>> zero_shot_weights(base.model, base.tokenizer, ["cat", "dog"]).shape
+    torch.Size([2, 64])
     """
     device = next(model.parameters()).device
     was_training = model.training

@@ -224,7 +224,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     Only the LoRA weights are trainable afterwards. `peft_overrides` go to `peft.LoraConfig`
     (e.g. `init_lora_weights=False` for a non-zero B in tests).
 
-    >>> peft_model = apply_lora(load_base().model, LoraConfig(r=4))  # doctest: +SKIP
+    >>> from peftclip.models import load_base
+    >>> peft_model = apply_lora(load_base().model, LoraConfig(r=4))
+    >>> sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    18432
     """
     convert_attention(model)
     if all(family_of(model, tower).name in _NATIVE for tower in config.towers):

@@ -89,7 +89,11 @@ def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | No
     the model also gets `classify(images) -> logits` (see `classifier`); `head_weights`
     are its zero-shot initial weights.
 
-    >>> model, tokenize = apply_strategy(base.model, AdapterSpec(lora=LoraConfig()), base.tokenizer)  # doctest: +SKIP
+    >>> from peftclip.models import load_base
+    >>> base = load_base()
+    >>> model, tokenize = apply_strategy(base.model, AdapterSpec(lora=LoraConfig()), base.tokenizer)
+    >>> type(model).__name__, tokenize is base.tokenizer
+    ('PeftModel', True)
     """
     convert_attention(model)
     if spec.lora is not None:
