@@ -230,7 +230,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     18432
     """
     convert_attention(model)
-    if all(family_of(model, tower).name in _NATIVE for tower in config.towers):
+    if (all(family_of(model, tower).name in _NATIVE for tower in config.towers)
+            and set(config.target_modules) <= set(TARGETS)):
         peft_config = to_peft_config(model, config, **peft_overrides)
     else:  # TODO(to_peft_config owner): build the compact regex from lora_target_names for every family
         pattern = "|".join(re.escape(name) for name in lora_target_names(model, config))
