@@ -15,7 +15,8 @@ from torch import nn
 
 from peftclip.adapters.attention import convert_attention
 from peftclip.adapters.lora import LoraConfig, apply_lora, lora_target_names
-from peftclip.families import block_paths, family_of
+from peftclip.adapters.partial import PartialConfig, apply_partial
+from peftclip.families import block_paths, family_of, final_norm_names, projection_name
 from peftclip.losses import ContrastiveLoss
 from peftclip.models import BaseConfig, load_base
 from tests.conftest import image_batch
@@ -174,3 +175,28 @@ def test_a_target_the_family_lacks_names_the_family_and_its_targets():
     base = load_base(BaseConfig(model_name="peftclip-tiny-convnext"))
     with pytest.raises(ValueError, match=r"timm-convnext vision tower has none of the LoRA targets \['q'\]"):
         apply_lora(base.model, LoraConfig(towers=["vision"], target_modules=["q"]))
+
+
+@pytest.mark.usefixtures("tiny_hub")
+@pytest.mark.parametrize("family", list(TINY))
+def test_partial_strategies_find_each_familys_blocks_norms_and_projections(family):
+    base, images, texts = _load(TINY[family])
+    model = base.model
+    convert_attention(model)
+    config = PartialConfig(projections=True, last_blocks=1, final_norms=True, logit_scale=True)
+    chosen = set(apply_partial(model, config))
+    wanted = {"logit_scale"}
+    for tower in ("vision", "text"):
+        last = block_paths(model, tower)[-1] + "."
+        parts = [last, *(n + "." for n in final_norm_names(model, tower))]
+        projection = projection_name(model, tower)
+        wanted |= {n for n, _ in model.named_parameters()
+                   if n.startswith(tuple(parts)) or n == projection or n.startswith(f"{projection}.")}
+        assert any(n.startswith(last) for n in chosen), f"{tower}: last block not trained"
+    assert chosen == wanted
+
+
+def test_new_proj_dim_on_a_module_projection_names_the_family():
+    base = load_base(BaseConfig(model_name="peftclip-tiny-convnext"))
+    with pytest.raises(ValueError, match="timm-convnext vision tower is a Linear"):
+        apply_partial(base.model, PartialConfig(new_proj_dim=8))

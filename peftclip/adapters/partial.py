@@ -12,14 +12,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..families import TOWERS, block_paths, family_of, final_norm_names, projection_name
 from ..utils import ConfigMixin
-from .lora import TOWERS, tower_blocks_path
 
 __all__ = ["PROJECTIONS", "PartialConfig", "apply_partial", "select_parameters", "tower_of"]
 
-PROJECTIONS = ("visual.proj", "text_projection")
-FINAL_NORMS = {"vision": "visual.ln_post", "text": "ln_final"}
+PROJECTIONS = ("visual.proj", "text_projection")  # the native ViT/text towers'; others: families.projection_name
 _SHARED = ("logit_scale", "logit_bias")
+_FROZEN = ("text_decoder.",)  # CoCa's captioning decoder: no strategy trains it
 
 
 @dataclass
@@ -64,30 +64,34 @@ def tower_of(name: str) -> str | None:
     """'vision', 'text', or None (shared, e.g. logit_scale) for a base parameter name."""
     if name.startswith("visual."):
         return "vision"
-    return None if name in _SHARED else "text"
+    return None if name in _SHARED or name.startswith(_FROZEN) else "text"
 
 
 def _block_prefixes(model: nn.Module, config: PartialConfig) -> list[str]:
     prefixes = []
     for tower in config.block_towers:
-        path = tower_blocks_path(model, tower)
-        n_blocks = len(model.get_submodule(path))
-        if config.last_blocks > n_blocks:
-            raise ValueError(f"last_blocks={config.last_blocks}: the {tower} tower has only {n_blocks} blocks")
-        prefixes += [f"{path}.{i}." for i in range(n_blocks - config.last_blocks, n_blocks)]
+        blocks = block_paths(model, tower)
+        if config.last_blocks > len(blocks):
+            raise ValueError(f"last_blocks={config.last_blocks}: the {tower} tower has only {len(blocks)} blocks")
+        prefixes += [f"{path}." for path in blocks[len(blocks) - config.last_blocks:]]
         if config.final_norms:
-            prefixes.append(FINAL_NORMS[tower] + ".")
+            prefixes += [f"{norm}." for norm in final_norm_names(model, tower)]
     return prefixes
 
 
 def _replace_projections(model: nn.Module, new_dim: int) -> None:
     """Swap both projections for fresh (d_in, new_dim) parameters, initialised as open_clip does."""
-    for name in PROJECTIONS:
+    for tower in TOWERS:
+        name = projection_name(model, tower)
+        if name is None:
+            raise ValueError(f"the {family_of(model, tower).name} {tower} tower has no projection to resize; "
+                             f"new_proj_dim needs projection matrices (native ViT / text towers)")
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         old = getattr(owner, attr)
         if not isinstance(old, nn.Parameter):
-            raise ValueError(f"{name} is a {type(old).__name__}, not a projection matrix; cannot resize it")
+            raise ValueError(f"{name} of the {family_of(model, tower).name} {tower} tower is a {type(old).__name__}, "
+                             f"not a projection matrix; new_proj_dim cannot resize it (projections=True can train it)")
         d_in = old.shape[0]
         new = nn.Parameter(torch.randn(d_in, new_dim, dtype=old.dtype, device=old.device) * d_in ** -0.5)
         setattr(owner, attr, new)
@@ -96,6 +100,7 @@ def _replace_projections(model: nn.Module, new_dim: int) -> None:
 def select_parameters(model: nn.Module, config: PartialConfig) -> list[str]:
     """Names of the base parameters `config` trains in the open_clip model `model` (LoRA weights aside)."""
     prefixes = _block_prefixes(model, config) if config.last_blocks else []
+    projections = [p for p in (projection_name(model, t) for t in TOWERS) if p is not None]
     chosen = []
     for name, _ in model.named_parameters():
         tower = tower_of(name)
@@ -103,7 +108,8 @@ def select_parameters(model: nn.Module, config: PartialConfig) -> list[str]:
             continue
         if (config.full
                 or (config.freeze is not None and tower not in (config.freeze, None))
-                or ((config.projections or config.freeze or config.new_proj_dim) and name in PROJECTIONS)
+                or ((config.projections or config.freeze or config.new_proj_dim)
+                    and any(name == p or name.startswith(p + ".") for p in projections))
                 or (config.logit_scale and name == "logit_scale")
                 or any(name.startswith(p) for p in prefixes)):
             chosen.append(name)
