@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .utils import write_json_atomic
+from .utils import replace_dir, save_safetensors, write_json_atomic
 
 __all__ = ["Checkpointer", "ResumeError", "checkpoint_root", "find_latest_checkpoint", "trainable_state_dict"]
 
@@ -72,7 +72,7 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             for index, model in enumerate(models):
                 state = trainable_state_dict(self.accelerator.unwrap_model(model))
-                save_file(state, Path(output_dir) / TRAINABLE_NAME.format(index=index))
+                save_safetensors(state, Path(output_dir) / TRAINABLE_NAME.format(index=index))
         weights.clear()  # never write the full model, frozen base included
 
     def _load_models(self, models: list[nn.Module], input_dir: str) -> None:
@@ -88,13 +88,18 @@ class Checkpointer:
                     params[name].copy_(tensor)
         models.clear()
 
-    def due(self, step: int) -> bool:
-        """Whether a checkpoint is due after optimiser step `step`."""
-        by_steps = bool(self.every_steps) and step % self.every_steps == 0
-        by_time = bool(self.every_minutes) and time.monotonic() - self.last_time >= 60 * self.every_minutes
-        # Every process must agree, or they would deadlock in save_state.
-        flag = torch.tensor([float(by_steps or by_time)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+    @property
+    def enabled(self) -> bool:
+        """Whether checkpoints are written at all."""
+        return bool(self.every_steps or self.every_minutes)
+
+    def step_due(self, step: int) -> bool:
+        """Whether optimiser step `step` falls on the step interval (the same on every process)."""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def time_due(self) -> bool:
+        """Whether the minute interval has passed on this process (callers make the processes agree)."""
+        return bool(self.every_minutes) and time.monotonic() - self.last_time >= 60 * self.every_minutes
 
     def save(self, step: int, position: dict[str, Any]) -> Path:
         """Write a checkpoint for `step` with the data `position` (epoch, batch) to resume from."""
@@ -109,8 +114,7 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             write_json_atomic(tmp / TRAINER_STATE_NAME, {"step": step, "position": position,
                                                          "fingerprint": self.fingerprint})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # a checkpoint of this step from an earlier run is swapped out whole
             self._prune()
         self.accelerator.wait_for_everyone()
         self.last_time, self.last_saved = time.monotonic(), final

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .utils import ConfigMixin
+from .utils import ConfigMixin, stable_seed
 
 __all__ = ["DataConfig", "DataError", "EvalImages", "LabelledImages", "LabelledSet", "PairSet", "TrainPairs",
            "count_truncated", "decode_image", "eval_texts", "load_held_out_labelled", "load_held_out_pairs",
@@ -424,6 +424,9 @@ def _train_val(config: DataConfig, load_sets: Callable[[DataConfig, str, _Select
     if config.source is None:
         raise DataError("no data source given (--source)")
     if config.val_split is None:
+        if config.val_fraction == 0:
+            raise DataError(f"{config.source}: val_fraction=0.0 and no val_split leave nothing to evaluate on; "
+                            f"give --val-split or a --val-fraction above 0")
         train, val = load_sets(config, config.split, lambda n: _split_indices(n, config))
         return train, val
     (train,) = load_sets(config, config.split, lambda n: [_cap_indices(n, config.max_images, config.split_seed)])
@@ -586,12 +589,6 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     return texts
 
 
-def _item_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, the same in every process and Python version (unlike hash())."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 class _ImageDataset(Dataset):
     """Decodes and transforms images in DataLoader workers, with augmentation seeded per item."""
 
@@ -610,7 +607,7 @@ class _ImageDataset(Dataset):
         image = decode_image(self.images[i], self.names[i])
         # Random augmentation becomes a function of (seed, epoch, item), the same in any worker.
         with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(_item_seed(self.seed, self.epoch, i))
+            torch.random.default_generator.manual_seed(stable_seed(self.seed, self.epoch, i))
             return self.transform(image)
 
 
@@ -626,7 +623,7 @@ class TrainPairs(_ImageDataset):
 
     def caption_index(self, i: int) -> int:
         """Which of image `i`'s captions this epoch uses."""
-        return random.Random(_item_seed(self.seed, self.epoch, i)).randrange(len(self.captions[i]))
+        return random.Random(stable_seed(self.seed, self.epoch, i)).randrange(len(self.captions[i]))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image(i), self.tokenizer([self.captions[i][self.caption_index(i)]])[0]

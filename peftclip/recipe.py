@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+import contextlib
+import signal
+import threading
+from typing import Any, Callable, Iterator
 
 from accelerate import Accelerator
 
 from .config import add_config_arguments, parse_config
-from .train import create_accelerator
+from .io import check_output_dir, lock_output_dir
+from .train import TrainingInterrupted, create_accelerator
 
 __all__ = ["recipe_parser", "run_recipe"]
 
@@ -22,18 +26,46 @@ def recipe_parser(doc: str, sections: dict[str, type], skip: frozenset[str] = fr
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (as SIGINT does), so the lock and temporary files are cleaned up."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_recipe(argv: list[str] | None, parser: argparse.ArgumentParser, sections: dict[str, type],
                defaults: dict[str, dict[str, Any]], default_source: Callable[[], str],
-               training_function: Callable[[dict, Accelerator], dict]) -> dict:
+               training_function: Callable[[dict, Accelerator], dict],
+               find_unused_parameters: Callable[[dict], bool] = lambda config: False) -> dict:
     """Parse `argv`, fill in the built-in data source if none was given, and run `training_function`.
 
-    Bad input (a ValueError, OSError or RuntimeError with a one-line message) exits with status 2.
+    Before any work, the output folder is checked (writable; not a folder peftclip did not
+    write; an earlier adapter only with --overwrite or --resume) and locked against a second
+    run. Bad input (a ValueError, OSError or RuntimeError with a one-line message) exits with
+    status 2; SIGINT and SIGTERM stop after the current step with 130 and 143.
     """
     args = parser.parse_args(argv)
     try:
         config = parse_config(args, sections, defaults)
         if config["data"].source is None:
             config["data"].source = default_source()
-        return training_function(config, create_accelerator(config["train"]))
+        train_config = config["train"]
+        check_output_dir(train_config.output_dir, overwrite=train_config.overwrite or train_config.resume is not None)
+        accelerator = create_accelerator(train_config, find_unused_parameters(config))
+        with (lock_output_dir(train_config.output_dir) if accelerator.is_main_process else contextlib.nullcontext(),
+              _terminate_as_interrupt()):
+            return training_function(config, accelerator)
+    except TrainingInterrupted as e:
+        parser.exit(e.exit_status, f"{e}\n")
+    except KeyboardInterrupt as e:  # a signal outside the training loop (loading, evaluating, saving)
+        parser.exit(143 if "SIGTERM" in str(e) else 130, "interrupted before or after training; nothing was saved\n")
     except (ValueError, OSError, RuntimeError) as e:
         parser.exit(2, f"error: {e}\n")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import math
+import signal
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
@@ -22,19 +24,22 @@ from .checkpoint import (
     checkpoint_root,
     find_latest_checkpoint,
 )
+from .data import source_fingerprint
 from .evaluate import retrieval_recall
 from .io import SAVE_DTYPES
-from .losses import LossFn, contrastive_step
-from .utils import ConfigMixin
+from .losses import LossFn, clamp_logit_scale, contrastive_step
+from .utils import ConfigMixin, canonical_name, stable_seed
 
-__all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "create_accelerator", "create_optimizer",
+__all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "TrainingInterrupted", "create_accelerator",
+           "create_optimizer",
            "create_scheduler", "embed_dataset", "evaluate_retrieval", "format_metrics_table", "images_per_second",
            "param_group", "release_freed_memory", "result_fingerprint", "train"]
 
-# Settings that do not change a run's result, and so may differ on resume.
+# Settings that do not change a run's result up to where it stopped, and so may differ on resume
+# (`epochs` and `max_steps` may grow: the schedule then stretches to the new end).
 _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size", "checkpoint_every_steps",
                        "checkpoint_every_minutes", "keep_checkpoints", "grad_checkpointing", "feature_cache",
-                       "save_dtype", "release_memory"}
+                       "save_dtype", "release_memory", "overwrite", "epochs", "max_steps"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PARAM_GROUPS = ("lora", "prompts", "head", "projections", "blocks")
@@ -58,7 +63,8 @@ class TrainConfig(ConfigMixin):
     group_weight_decay: dict[str, float] = field(default_factory=dict, metadata={
         "help": "Weight decay per parameter group, e.g. projections=0.1 (never on biases, norms, logit_scale)."})
     warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps before the cosine decay."})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm; None to disable."})
+    max_grad_norm: float | None = field(default=1.0, metadata={
+        "help": "Clip the gradient norm to this (positive) value; None to disable."})
     mixed_precision: str = field(default="no", metadata={"help": f"One of {MIXED_PRECISION}."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and caption sampling."})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per training process."})
@@ -74,22 +80,26 @@ class TrainConfig(ConfigMixin):
         "help": "Recompute block activations in the backward pass: less memory, more compute."})
     checkpoint_every_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps."})
     checkpoint_every_minutes: float | None = field(default=None, metadata={"help": "Checkpoint every N minutes."})
-    keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "How many recent checkpoints to keep (at least 1)."})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})
     save_dtype: str = field(default="fp32", metadata={
         "help": f"Type the adapter's tensors are written in, one of {sorted(SAVE_DTYPES)} (bf16 halves the file)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an adapter folder already at output_dir (a folder peftclip did not write is never replaced)."})
     skip_nonfinite: bool = field(default=False, metadata={
         "help": "Skip (and count) steps whose loss or gradient is not finite, instead of stopping."})
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps}: must be at least 1")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr}: the learning rate must be positive")
-        for name in ("weight_decay", "warmup_steps", "num_workers", "keep_checkpoints"):
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm}: must be positive (or None for no clipping)")
+        for name in ("weight_decay", "warmup_steps", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must not be negative")
         for name in ("checkpoint_every_steps", "checkpoint_every_minutes"):
@@ -110,8 +120,16 @@ class TrainConfig(ConfigMixin):
 
 
 def result_fingerprint(sections: dict[str, Any], base_info: dict[str, Any]) -> dict[str, Any]:
-    """Flatten config sections into `section.field` keys, keeping what changes the result."""
+    """Flatten config sections into `section.field` keys, keeping what changes the result.
+
+    When the run checkpoints or resumes, the data's own fingerprint (`data.source_fingerprint`)
+    is included, so data changed under the same path is not resumed on.
+    """
     flat = {f"base.{k}": v for k, v in base_info.items()}
+    train_config, data_config = sections.get("train"), sections.get("data")
+    if data_config is not None and train_config is not None and (
+            train_config.checkpoint_every_steps or train_config.checkpoint_every_minutes or train_config.resume):
+        flat["data.fingerprint"] = source_fingerprint(data_config)
     for section, config in sections.items():
         if section == "base":
             continue
@@ -121,13 +139,18 @@ def result_fingerprint(sections: dict[str, Any], base_info: dict[str, Any]) -> d
     return flat
 
 
-def create_accelerator(config: TrainConfig) -> Accelerator:
-    """An Accelerator where `batch_size` is the global batch, split evenly across processes."""
+def create_accelerator(config: TrainConfig, find_unused_parameters: bool = False) -> Accelerator:
+    """An Accelerator where `batch_size` is the global batch, split evenly across processes.
+
+    `find_unused_parameters` is for objectives that leave trainable parameters without a
+    gradient (e.g. a head trained while the text tower holds LoRA): DDP must then be told.
+    """
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
         cpu=config.cpu,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
@@ -141,8 +164,8 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_group(name: str) -> str:
-    """Which of PARAM_GROUPS a trainable parameter belongs to, by its name."""
-    name = name.removeprefix("base_model.model.")
+    """Which of PARAM_GROUPS a trainable parameter belongs to, by its name under any wrapper."""
+    name = canonical_name(name)
     if "lora_" in name:
         return "lora"
     if name.startswith(("peftclip_text_prompt", "peftclip_visual_prompt")):
@@ -174,14 +197,20 @@ def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW
 
 def create_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
                      total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up to the peak learning rate, then cosine decay to zero at `total_steps`."""
+    """Linear warm-up to the peak learning rate, then cosine decay to zero at `total_steps`.
+
+    The factor is a plain function of the step, which a checkpoint does not store: a run
+    resumed with more `epochs`/`max_steps` follows the schedule of its new length.
+    """
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1))
-    if warmup_steps == 0:
-        return cosine
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1),
-                                               total_iters=warmup_steps)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, decay_steps) / decay_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -191,6 +220,42 @@ def _total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
 
 class TrainingError(RuntimeError):
     """Training cannot go on: a non-finite loss or gradient, or out of memory."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after a step (and a checkpoint, if checkpoints are on)."""
+
+    def __init__(self, step: int, signum: int, checkpoint: str | None) -> None:
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        self.exit_status = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+        hint = ("resume with --resume latest" if checkpoint else
+                "no checkpoint was written (pass --checkpoint-every-steps N to be able to resume)")
+        super().__init__(f"interrupted at step {step}; {hint}")
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step, while installed.
+
+    A second signal gets the previous handler (so a second Ctrl-C stops at once).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():  # signals go to the main thread only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -218,7 +283,7 @@ def images_per_second(step_seconds: list[float], images_per_step: int, warmup: i
 def _seed_step(seed: int, epoch: int, batch: int, rank: int) -> None:
     # Re-seeding per micro-batch makes dropout and other in-step randomness a function of
     # the position alone, so a resumed run repeats an uninterrupted one exactly.
-    torch.manual_seed(hash((seed, epoch, batch, rank)) % (2**63))
+    torch.manual_seed(stable_seed(seed, epoch, batch, rank))
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -263,6 +328,7 @@ class _Loop:
     checkpointer: Checkpointer
     result: TrainResult
     progress: Any
+    stop: _StopSignals
     last_step_end: float = 0.0
 
 
@@ -323,15 +389,17 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
         position = state["position"] if state else {"epoch": 0, "batch": 0, "losses": [], "skipped": 0}
         result = TrainResult(losses=list(position["losses"]), skipped_steps=position["skipped"],
                              resumed_from=str(checkpointer.last_saved) if state else None)
+        if state:
+            accelerator.print(f"resumed from step {len(result.losses)} of {checkpointer.last_saved}")
         progress = tqdm(total=total_steps, initial=len(result.losses), desc="train",
                         disable=not accelerator.is_local_main_process)
-        loop = _Loop(model, loader, optimizer, scheduler, compute_loss, generator, total_steps, config,
-                     accelerator, checkpointer, result, progress, last_step_end=time.perf_counter())
-        for epoch in range(position["epoch"], config.epochs):
-            if len(result.losses) >= total_steps:
-                break
-            _train_epoch(loop, epoch, skip=position["batch"] if epoch == position["epoch"] else 0)
-        progress.close()
+        with _StopSignals() as stop, progress:  # the bar is closed before any error message is printed
+            loop = _Loop(model, loader, optimizer, scheduler, compute_loss, generator, total_steps, config,
+                         accelerator, checkpointer, result, progress, stop, last_step_end=time.perf_counter())
+            for epoch in range(position["epoch"], config.epochs):
+                if len(result.losses) >= total_steps:
+                    break
+                _train_epoch(loop, epoch, skip=position["batch"] if epoch == position["epoch"] else 0)
     except RuntimeError as e:
         if _is_oom(e):
             raise TrainingError(f"out of memory at batch_size={config.batch_size}: try a smaller --batch-size, "
@@ -344,9 +412,41 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
     return result
 
 
+def _agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any process; no communication with a single process."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    votes = accelerator.reduce(torch.tensor([float(f) for f in flags], device=accelerator.device), reduction="sum")
+    return [bool(v) for v in votes.tolist()]
+
+
+def _optimizer_step(loop: _Loop, mean_loss: float, grad_norm: float) -> bool:
+    """Step the optimiser and scheduler unless the step must be skipped; True if it was taken.
+
+    Under fp16 a GradScaler skips steps whose gradients overflow and lowers its scale: that is
+    normal, so only a non-finite loss is an error there, and the scaler always sees the step.
+    """
+    config, accelerator = loop.config, loop.accelerator
+    last = str(loop.checkpointer.last_saved) if loop.checkpointer.last_saved else None
+    step = len(loop.result.losses)
+    if accelerator.scaler is not None:
+        _check_finite(mean_loss, 0.0, step, config, last)
+        loop.optimizer.step()
+        loop.scheduler.step()  # Accelerate's scheduler does not advance on a skipped step
+        taken = not accelerator.optimizer_step_was_skipped
+    else:
+        taken = _check_finite(mean_loss, grad_norm, step, config, last)
+        if taken:
+            loop.optimizer.step()
+            loop.scheduler.step()
+    if taken:
+        clamp_logit_scale(loop.model)
+    return taken
+
+
 def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
-    """One pass over the loader from batch `skip`, stepping, guarding and checkpointing."""
-    config, accelerator, result = loop.config, loop.accelerator, loop.result
+    """One pass over the loader from batch `skip`, stepping, guarding, checkpointing and stopping on a signal."""
+    config, accelerator, result, checkpointer = loop.config, loop.accelerator, loop.result, loop.checkpointer
     loop.generator.manual_seed(config.seed + epoch)  # shuffling is a function of the epoch alone
     batches = accelerator.skip_first_batches(loop.loader, skip) if skip else loop.loader
     # Accelerate's loaders pass their epoch to `dataset.set_epoch` on every iteration; a new
@@ -361,11 +461,7 @@ def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(loop.model.parameters(), config.max_grad_norm or math.inf)
                 mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-                last = str(loop.checkpointer.last_saved) if loop.checkpointer.last_saved else None
-                if _check_finite(mean_loss, float(grad_norm), len(result.losses), config, last):
-                    loop.optimizer.step()
-                    loop.scheduler.step()
-                else:
+                if not _optimizer_step(loop, mean_loss, float(grad_norm)):
                     result.skipped_steps += 1
             loop.optimizer.zero_grad()
         if not accelerator.sync_gradients:
@@ -377,10 +473,15 @@ def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
         loop.progress.update(1)
         loop.progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
         step = len(result.losses)
-        final = step >= loop.total_steps and bool(config.checkpoint_every_steps or config.checkpoint_every_minutes)
-        if loop.checkpointer.due(step) or final:
-            loop.checkpointer.save(step, {"epoch": epoch, "batch": index + 1, "losses": result.losses,
-                                          "skipped": result.skipped_steps})
+        # Every process must agree on saving and stopping, or they would deadlock in save_state.
+        by_time, stop = _agree(accelerator, checkpointer.time_due(), loop.stop.signum is not None)
+        end = step >= loop.total_steps or stop
+        if checkpointer.enabled and (checkpointer.step_due(step) or by_time or end):
+            checkpointer.save(step, {"epoch": epoch, "batch": index + 1, "losses": result.losses,
+                                     "skipped": result.skipped_steps})
+        if stop:
+            raise TrainingInterrupted(step, loop.stop.signum or signal.SIGTERM,
+                                      str(checkpointer.last_saved) if checkpointer.last_saved else None)
         if step >= loop.total_steps:
             return
 

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -42,6 +43,13 @@ def canonical_name(name: str) -> str:
             if name.startswith(prefix):
                 name, stripped = name.removeprefix(prefix), True
     return name.replace(".base_layer.", ".")
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The open_clip model inside DDP, PEFT or feature-cache wrappers (or `model` itself)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def stable_seed(*parts: int) -> int:
@@ -117,7 +125,20 @@ def config_from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
     for name, value in data.items():
         if not _matches(value, hints[name]):
             raise ValueError(f"[{section}] {name}={value!r}: expected {_type_name(hints[name])}")
+        if not all(math.isfinite(v) for v in _numbers(value)):
+            raise ValueError(f"[{section}] {name}={value!r}: numbers must be finite (not nan or inf)")
     return cls(**data)
+
+
+def _numbers(value: Any) -> list[float]:
+    """The floats in a config value, inside lists and dicts too."""
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    return []
 
 
 def _type_name(hint: Any) -> str:

@@ -68,6 +68,8 @@ class LoraConfig(ConfigMixin):
             raise ValueError(f"blocks={self.blocks!r}: use 'all', an int N (last N) or a list of indices")
         if isinstance(self.blocks, int) and self.blocks < 1:
             raise ValueError(f"blocks={self.blocks}: the number of last blocks must be at least 1")
+        if isinstance(self.blocks, list) and not self.blocks:
+            raise ValueError("blocks=[]: name at least one block index, or use 'all'")
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r={self.r!r}: the LoRA rank must be a positive integer")
         if self.lora_alpha <= 0:
