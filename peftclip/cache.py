@@ -139,8 +139,11 @@ class CachedCLIP(nn.Module):
     def encode_text(self, texts: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         return self._encode("text", texts, normalize)
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.encode_image(images, normalize=True), self.encode_text(texts, normalize=True),
+    def forward(self, images: torch.Tensor | None,
+                texts: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """As open_clip's CLIP forward: normalised features of what is given (None for what is not)."""
+        return (self.encode_image(images, normalize=True) if images is not None else None,
+                self.encode_text(texts, normalize=True) if texts is not None else None,
                 inner_model(self.model).logit_scale.exp())
 
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from peftclip.io import load_adapter, read_metadata
 from peftclip.models import load_base
 from peftclip.recipes import classify, lora_retrieval
-from tests.conftest import SHARED_DATA
+from tests.conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,9 +115,7 @@ def test_classify_recipe_learns_the_shapes_labels(tmp_path, shapes, runs):
 
 
 def test_recipe_runs_on_shared_flickr8k(tmp_path, runs):
-    source = SHARED_DATA / "flickr8k-800" / "captions.csv"
-    if not source.is_file():
-        pytest.skip(f"shared data missing: {source}")
+    source = shared_data("flickr8k-800", "captions.csv")
     metrics = _run(tmp_path / "flickr", source, "--max-images", "64", "--max-val-images", "16", "--weight-decay", "0")
     _assert_every_trainable_tensor_moved(runs)
     assert metrics["steps"] == 2 and set(metrics["after"]) == set(metrics["before"])
@@ -132,8 +132,6 @@ def test_bad_input_exits_2_with_one_line_error(tmp_path, shapes):
 
 # With a head, the objective never runs the text tower, yet the default LoRA puts (and saves) adapters there
 # that never train: the recipe should default to towers=["vision"] when the text tower is unused.
-TEXT_LORA_UNTRAINED = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                        reason="classify trains a head but leaves text-tower LoRA trainable")
 CLASSIFY_FLAGS = {
     "lora_and_head": [],
     "vision_lora_and_head": ["--towers", "vision"],
@@ -144,8 +142,7 @@ CLASSIFY_FLAGS = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=TEXT_LORA_UNTRAINED) if c == "lora_and_head" else c
-                                  for c in CLASSIFY_FLAGS])
+@pytest.mark.parametrize("case", list(CLASSIFY_FLAGS))
 def test_classify_recipe_trains_reports_three_accuracies_and_reloads(tmp_path, shapes, runs, case):
     out = tmp_path / case
     metrics = classify.main(["--source", str(shapes / "labels.csv"), "--output-dir", str(out), "--max-steps", "2",
@@ -158,12 +155,55 @@ def test_classify_recipe_trains_reports_three_accuracies_and_reloads(tmp_path, s
 
 
 def test_classify_recipe_runs_on_shared_cifar10(tmp_path, runs):
-    source = SHARED_DATA / "cifar10"
-    if not source.is_dir():
-        pytest.skip(f"shared data missing: {source}")
+    source = shared_data("cifar10")
     metrics = classify.main(["--source", str(source), "--val-split", "test", "--max-images", "64",
                              "--max-val-images", "32", "--output-dir", str(tmp_path / "cifar"), "--max-steps", "2",
-                             "--batch-size", "16", "--num-workers", "0", "--weight-decay", "0",
-                             "--towers", "vision"])  # see TEXT_LORA_UNTRAINED
+                             "--batch-size", "16", "--num-workers", "0", "--weight-decay", "0"])
     _assert_every_trainable_tensor_moved(runs)
     assert metrics["class_names"][0] == "airplane" and metrics["steps"] == 2
+
+
+def test_classify_refuses_text_tower_lora_that_a_head_would_leave_untrained(tmp_path, shapes, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        classify.main(["--source", str(shapes / "labels.csv"), "--output-dir", str(tmp_path / "out"),
+                       "--towers", "vision", "text", "--num-workers", "0"])
+    assert exit_info.value.code == 2
+    assert "lora.towers includes 'text', but a head trained with objective 'ce'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-head", "--no-lora", "--text-prompt"], ["--no-head", "--objective",
+                                                                                       "flyp"]])
+def test_classify_trains_under_bf16_autocast_on_the_cpu(tmp_path, shapes, flags, monkeypatch):
+    """Each objective goes through the model's forward, where Accelerate applies autocast."""
+    seen = []
+    original = torch.nn.Linear.forward
+
+    def recording(self, x):
+        out = original(self, x)
+        if torch.is_grad_enabled():  # a training step, not evaluation
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
+    AcceleratorState._reset_state(reset_partial_state=True)  # this process made fp32 Accelerators before
+    metrics = classify.main(["--source", str(shapes / "labels.csv"), "--output-dir", str(tmp_path / "out"),
+                             "--max-steps", "2", "--batch-size", "16", "--num-workers", "0", "--val-fraction", "0.25",
+                             "--mixed-precision", "bf16", "--cpu", "--no-feature-cache", *flags])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert metrics["steps"] == 2
+    assert torch.bfloat16 in seen, "no linear layer ran under bf16 autocast"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [[], ["--no-head", "--no-lora", "--text-prompt"]])
+def test_classify_runs_in_two_real_processes(tmp_path, shapes, flags):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(REPO / "recipes" / "classify.py"), "--source", str(shapes / "labels.csv"), "--output-dir",
+           str(tmp_path / "out"), "--max-steps", "2", "--batch-size", "16", "--num-workers", "0",
+           "--val-fraction", "0.25", "--cpu", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2
+    load_adapter(load_base(), tmp_path / "out")

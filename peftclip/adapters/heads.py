@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from open_clip import build_zero_shot_classifier
 from torch import nn
 
-from ..utils import ConfigMixin
+from ..utils import ConfigMixin, inner_model
 
 __all__ = ["CLASSIFIER_NAME", "ClipClassifier", "HeadConfig", "attach_head", "classifier", "create_head",
            "zero_shot_weights"]
@@ -78,8 +78,13 @@ class _ClassifierForward(nn.Module):
         self.model = model
         self._head = [head]  # not a submodule: its parameters belong to `model`
 
+    def get_base_model(self) -> nn.Module:
+        """The open_clip model inside (so `inner_model` and checkpointing see through this wrapper)."""
+        return inner_model(self.model)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._head[0](self.model.encode_image(images))
+        # The wrapped model's forward (not encode_image), so autocast applies inside it.
+        return self._head[0](self.model(images, None)[0])
 
 
 def create_head(inner: nn.Module, config: HeadConfig, weights: torch.Tensor | None = None) -> ClipClassifier:
@@ -103,8 +108,7 @@ def attach_head(inner: nn.Module, config: HeadConfig, weights: torch.Tensor | No
 
 def classifier(model: nn.Module) -> nn.Module:
     """`images -> logits` for an adapted model that carries a head (see `apply_strategy`)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = getattr(inner, CLASSIFIER_NAME, None)
+    head = getattr(inner_model(model), CLASSIFIER_NAME, None)
     if head is None:
         raise ValueError("this model has no classification head; enable the head strategy")
     return _ClassifierForward(model, head)

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..utils import ConfigMixin
+from ..utils import ConfigMixin, inner_model
 from .attention import convert_attention
 from .heads import HeadConfig, attach_head
 from .lora import LoraConfig, apply_lora
@@ -72,11 +72,6 @@ class AdapterSpec:
     def _methods(self) -> dict[str, Any]:
         return {"lora": self.lora, "partial": self.partial, "text_prompt": self.text_prompt,
                 "visual_prompt": self.visual_prompt, "head": self.head}
-
-
-def inner_model(model: nn.Module) -> nn.Module:
-    """The open_clip model inside a PEFT or feature-cache wrapper (or `model` itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | None = None,

@@ -28,7 +28,6 @@ from peftclip.adapters import (
     TextPromptConfig,
     VisualPromptConfig,
     apply_strategy,
-    inner_model,
 )
 from peftclip.adapters.heads import (
     DEFAULT_TEMPLATES,
@@ -78,33 +77,53 @@ class ClassifyConfig(ConfigMixin):
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "classify": ClassifyConfig, "strategy": StrategyConfig,
             "lora": LoraConfig, "partial": PartialConfig, "text_prompt": TextPromptConfig,
             "visual_prompt": VisualPromptConfig, "head": HeadConfig, "train": TrainConfig}
-DEFAULTS = {"strategy": {"head": True}, "data": {"label_column": "label"},
+# A head learns from image features alone, so LoRA goes on the image tower by default.
+DEFAULTS = {"strategy": {"head": True}, "lora": {"towers": ["vision"]}, "data": {"label_column": "label"},
             "train": {"epochs": 20, "lr": 3e-3, "batch_size": 64, "output_dir": "outputs/classify"}}
 
 
 def _text_classifier(model, tokenize, class_names, templates):
-    """images -> logits against the (maybe adapted) text tower's class embeddings, with gradients."""
+    """images -> logits against the (maybe adapted) text tower's class embeddings, with gradients.
+
+    Goes through the model's forward, so a prepared (DDP, autocast) model works as it trains.
+    """
     def logits(images):
-        texts = tokenize([t.format(c) for c in class_names for t in templates])
-        weights = F.normalize(model.encode_text(texts, normalize=True).view(len(class_names), len(templates), -1)
-                              .mean(1), dim=-1)
-        return inner_model(model).logit_scale.exp() * model.encode_image(images, normalize=True) @ weights.T
+        texts = tokenize([t.format(c) for c in class_names for t in templates]).to(images.device)
+        image_features, text_features, logit_scale = model(images, texts)[:3]  # normalised; scale is exp'd
+        weights = F.normalize(text_features.view(len(class_names), len(templates), -1).mean(1), dim=-1)
+        return logit_scale * image_features @ weights.T
     return logits
 
 
 def _objective(config, model, tokenize, class_names):
-    """compute_loss(model, batch) for the chosen objective; `model` is the prepared (maybe wrapped) model."""
+    """(module to train, compute_loss(prepared, batch)) for the chosen objective.
+
+    The loss runs the prepared module's forward once per batch, with every trainable parameter
+    used inside it, as DDP needs: a head is trained as part of a classifier module.
+    """
     templates = config["classify"].templates
     if config["classify"].objective == "flyp":
         def flyp(prepared, batch):
             images, labels = batch
             texts = tokenize([templates[0].format(class_names[i]) for i in labels.tolist()]).to(images.device)
             return contrastive_step(prepared, (images, texts))
-        return flyp
+        return model, flyp
     if config["strategy"].head:
-        return lambda prepared, batch: cross_entropy_step(classifier(prepared), batch)
-    return lambda prepared, batch: cross_entropy_step(_text_classifier(prepared, tokenize, class_names, templates),
-                                                      batch)
+        return classifier(model), cross_entropy_step
+    return model, lambda prepared, batch: cross_entropy_step(
+        _text_classifier(prepared, tokenize, class_names, templates), batch)
+
+
+def _trains_head_only_on_images(config: dict) -> bool:
+    """Whether the objective is cross-entropy on the head, which gives the text tower no gradient."""
+    return config["strategy"].head and config["classify"].objective == "ce"
+
+
+def _check_text_tower_trains(config: dict) -> None:
+    """Refuse text-tower LoRA that the objective would leave untrained (and save as dead weight)."""
+    if _trains_head_only_on_images(config) and config["strategy"].lora and "text" in config["lora"].towers:
+        raise ValueError("lora.towers includes 'text', but a head trained with objective 'ce' gives the text "
+                         "tower no gradient: use --towers vision, or --objective flyp, or --no-head")
 
 
 def _accuracy(accelerator, predict, images, labels, n_classes, config):
@@ -114,6 +133,7 @@ def _accuracy(accelerator, predict, images, labels, n_classes, config):
 
 def training_function(config: dict, accelerator) -> dict:
     """Zero-shot evaluation → apply the strategy → train → evaluate → save. Returns the metrics."""
+    _check_text_tower_trains(config)
     base = load_base(config["base"], device=accelerator.device)
     with accelerator.main_process_first():
         train_data, test_data = load_labelled(config["data"])
@@ -138,8 +158,9 @@ def training_function(config: dict, accelerator) -> dict:
         train_model, train_set = cache_image_tower(model, train_set, base.info, augment, cache, accelerator.device)
         if train_model is not model:
             accelerator.print(f"feature cache: {train_model.modes}")
-    result = train(train_model, train_set, config["train"], accelerator,
-                   _objective(config, model, tokenize, names), fingerprint=result_fingerprint(config, base.info))
+    train_module, compute_loss = _objective(config, train_model, tokenize, names)
+    result = train(train_module, train_set, config["train"], accelerator, compute_loss,
+                   fingerprint=result_fingerprint(config, base.info))
     model.eval()
     predict = classifier(model) if spec.head else _text_classifier(model, tokenize, names, templates)
     with torch.no_grad():
@@ -165,8 +186,11 @@ def training_function(config: dict, accelerator) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; bad input exits with status 2 and a one-line error."""
     parser = recipe_parser(__doc__, SECTIONS, skip=frozenset({"n_classes"}))  # the data gives the class count
+    # A head objective leaves the text tower's trainable parameters (e.g. text_projection) without a
+    # gradient: DDP must be told, or it waits for them.
     return run_recipe(argv, parser, SECTIONS, DEFAULTS,
-                      lambda: str(make_shapes_dataset(default_data_dir()) / "labels.csv"), training_function)
+                      lambda: str(make_shapes_dataset(default_data_dir()) / "labels.csv"), training_function,
+                      find_unused_parameters=_trains_head_only_on_images)
 
 
 if __name__ == "__main__":
