@@ -424,9 +424,6 @@ def _train_val(config: DataConfig, load_sets: Callable[[DataConfig, str, _Select
     if config.source is None:
         raise DataError("no data source given (--source)")
     if config.val_split is None:
-        if config.val_fraction == 0:
-            raise DataError(f"{config.source}: val_fraction=0.0 and no val_split leave nothing to evaluate on; "
-                            f"give --val-split or a --val-fraction above 0")
         train, val = load_sets(config, config.split, lambda n: _split_indices(n, config))
         return train, val
     (train,) = load_sets(config, config.split, lambda n: [_cap_indices(n, config.max_images, config.split_seed)])

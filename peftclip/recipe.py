@@ -57,7 +57,10 @@ def run_recipe(argv: list[str] | None, parser: argparse.ArgumentParser, sections
         config = parse_config(args, sections, defaults)
         if config["data"].source is None:
             config["data"].source = default_source()
-        train_config = config["train"]
+        train_config, data_config = config["train"], config["data"]
+        if data_config.val_split is None and data_config.val_fraction == 0:  # every recipe evaluates
+            raise ValueError("val_fraction=0.0 and no val_split leave nothing to evaluate on; give --val-split or "
+                             "a --val-fraction above 0")
         check_output_dir(train_config.output_dir, overwrite=train_config.overwrite or train_config.resume is not None)
         accelerator = create_accelerator(train_config, find_unused_parameters(config))
         with (lock_output_dir(train_config.output_dir) if accelerator.is_main_process else contextlib.nullcontext(),
