@@ -12,6 +12,7 @@ Convolutional layers (ResNet bottlenecks, FastViT's 1x1 MLP) get PEFT's Conv2d L
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,7 +30,7 @@ __all__ = ["LORA_TARGETS", "LoraConfig", "TARGETS", "TOWERS", "apply_lora", "lor
 TARGETS: dict[str, str] = {name: paths[0] for name, paths in FAMILIES[0].targets.items()}
 # Every target name some family knows: the shared ones first, then family-specific ones.
 LORA_TARGETS: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES for t in f.target_names))
-_NATIVE = ("vit", "text")  # the families `to_peft_config`'s compact regex covers
+_NATIVE = ("vit", "text")  # families whose unsplit attention plain PEFT would silently mis-adapt
 
 
 @dataclass
@@ -174,17 +175,51 @@ def _any_of(patterns: list[str]) -> str:
     return f"(?:{'|'.join(patterns)})"
 
 
-def _target_regex(model: nn.Module, config: LoraConfig) -> str:
-    """`^(?:<tower block lists>)\\.(?:<indices>)\\.(?:<projections>)$`; indices spelled out only when not all."""
-    prefixes_by_indices: dict[str, list[str]] = {}
-    for tower in config.towers:
-        prefix = tower_blocks_path(model, tower)
-        n_blocks = len(model.get_submodule(prefix))
-        indices = _block_indices(config.blocks, n_blocks, tower)
-        key = r"\d+" if len(indices) == n_blocks else _any_of([str(i) for i in indices])
-        prefixes_by_indices.setdefault(key, []).append(re.escape(prefix))
-    blocks = _any_of([rf"{_any_of(prefixes)}\.{indices}" for indices, prefixes in prefixes_by_indices.items()])
-    return rf"^{blocks}\.{_any_of([re.escape(TARGETS[t]) for t in config.target_modules])}$"
+def _split_name(name: str, blocks: list[str]) -> tuple[str, str, str] | None:
+    """(block container, block index, path inside the block) of a layer name, or None outside the blocks."""
+    for block in blocks:
+        if name.startswith(block + "."):
+            container, _, index = block.rpartition(".")
+            return container, index, name[len(block) + 1:]
+    return None
+
+
+def _target_regex(model: nn.Module, names: list[str], towers: list[str]) -> str:
+    """One anchored regex matching exactly `names`, grouped by block container, indices only when not all.
+
+    For all blocks of both native towers it reads
+    `^(?:(?:visual\\.transformer\\.resblocks|transformer\\.resblocks)\\.\\d+)\\.(?:attn\\.q_proj|...)$`;
+    stage-based trunks list one container per stage, and layers outside the blocks (ResNet's
+    attention pool) are listed by name.
+    """
+    blocks = [b for tower in towers for b in block_paths(model, tower)]
+    counts: dict[str, int] = {}
+    for block in blocks:
+        container = block.rpartition(".")[0]
+        counts[container] = counts.get(container, 0) + 1
+    found: dict[str, tuple[dict[str, None], dict[str, None]]] = {}  # container -> (indices, inner paths)
+    loose = []
+    for name in names:
+        parts = _split_name(name, blocks)
+        if parts is None:
+            loose.append(re.escape(name))
+            continue
+        indices, paths = found.setdefault(parts[0], ({}, {}))
+        indices[parts[1]] = paths[re.escape(parts[2])] = None
+    groups: dict[str, dict[str, list[str]]] = {}  # inner paths -> indices -> containers
+    for container, (indices, paths) in found.items():
+        key = r"\d+" if len(indices) == counts[container] else _any_of(list(indices))
+        groups.setdefault(_any_of(list(paths)), {}).setdefault(key, []).append(re.escape(container))
+    alternatives: list[str] = []
+    for paths, by_index in groups.items():
+        blocks_regex = _any_of([rf"{_any_of(containers)}\.{i}" for i, containers in by_index.items()])
+        alternatives.append(rf"{blocks_regex}\.{paths}")
+    alternatives += loose
+    regex = rf"^{alternatives[0]}$" if len(alternatives) == 1 else rf"^{_any_of(alternatives)}$"
+    matched = {n for n, _ in model.named_modules() if re.fullmatch(regex, n)}
+    if matched != set(names):  # a bug here would silently adapt other layers
+        raise RuntimeError(f"peftclip built a LoRA regex matching {len(matched)} layers instead of {len(names)}")
+    return regex
 
 
 def _unsplit_guard(config: LoraConfig) -> dict[str, Any]:
@@ -213,10 +248,11 @@ def to_peft_config(model: nn.Module, config: LoraConfig, **overrides: Any) -> pe
     When attention projections are adapted, the config also makes plain PEFT warn if it is
     loaded onto a model whose attention was not split (see `_unsplit_guard`).
     """
-    lora_target_names(model, config)  # checks every targeted module is a linear layer
-    settings = {**_unsplit_guard(config), **overrides}
+    names = lora_target_names(model, config)  # checks every targeted module is a linear or conv layer
+    native = any(family_of(model, tower).name in _NATIVE for tower in config.towers)
+    settings = {**(_unsplit_guard(config) if native else {}), **overrides}
     return peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                           target_modules=_target_regex(model, config), bias="none", **settings)
+                           target_modules=_target_regex(model, names, config.towers), bias="none", **settings)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
@@ -232,11 +268,21 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     18432
     """
     convert_attention(model)
-    if (all(family_of(model, tower).name in _NATIVE for tower in config.towers)
-            and set(config.target_modules) <= set(TARGETS)):
-        peft_config = to_peft_config(model, config, **peft_overrides)
-    else:  # TODO(to_peft_config owner): build the compact regex from lora_target_names for every family
-        pattern = "|".join(re.escape(name) for name in lora_target_names(model, config))
-        peft_config = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                      target_modules=f"^(?:{pattern})$", bias="none", **peft_overrides)
+    peft_config = to_peft_config(model, config, **peft_overrides)
+    _warn_rank_above_width(model, config)
     return peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
+
+
+def _warn_rank_above_width(model: nn.Module, config: LoraConfig) -> None:
+    """Warn when `r` exceeds a targeted layer's smaller dimension: the extra rank only adds parameters."""
+    narrow = []
+    for name in lora_target_names(model, config):
+        layer = _layer(model, name)
+        dims = (layer.weight[0].numel(), layer.out_channels) if isinstance(layer, nn.Conv2d) else layer.weight.shape
+        if config.r > min(dims):
+            narrow.append(f"{name} (width {min(dims)})")
+    if narrow:
+        more = f" and {len(narrow) - 1} more layers" if len(narrow) > 1 else ""
+        warnings.warn(f"LoRA r={config.r} is larger than the smaller dimension of {narrow[0]}{more}; "
+                      f"its update cannot have rank above that width, the extra rank only adds parameters",
+                      stacklevel=3)
