@@ -454,11 +454,13 @@ class AdaptedCLIP:
         Image embeddings are kept in a safetensors index (default: under `cache_root()/search`)
         and reused while the folder's files and the model are unchanged.
         """
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k}: must be at least 1")
         with self._using(adapter):
             folder = Path(folder)
+            owned = index_path is None
             index_path = Path(index_path) if index_path else default_index_path(folder)
-            files, embeddings = image_index(folder, index_path, self._identity(),
-                                            self.encode_images)
+            files, embeddings = image_index(folder, index_path, self._identity(), self.encode_images, owned)
             query_embedding = self.encode_texts([query])
         scores = (query_embedding @ embeddings.T)[0]
         top = scores.topk(min(top_k, len(files)))

@@ -157,7 +157,9 @@ def write_error(path: str | os.PathLike, error: OSError) -> OSError:
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         reason += " (free some space or write elsewhere)"
-    return OSError(error.errno, f"cannot write {path}: {reason}")
+    failure = OSError(f"cannot write {path}: {reason}")
+    failure.errno = error.errno  # kept for callers, out of the one-line message
+    return failure
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -199,6 +201,9 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pa
     try:
         save_safetensors(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -58,6 +58,11 @@ BAD_FLAGS = {
     "unknown_target": (["--target-modules", "q", "qkv"], "unknown LoRA target 'qkv'"),
     "block_out_of_range": (["--blocks", "0,7"], "block index 7 is out of range for the vision tower"),
     "unknown_tower": (["--towers", "audio"], "unknown tower 'audio'"),
+    "full_and_freeze": (["--no-lora", "--full", "--freeze", "vision"], "--full and --freeze contradict each other"),
+    "full_and_lora": (["--full"], "--full and LoRA contradict each other: --full trains every base weight"),
+    "freeze_and_lora": (["--freeze", "vision"], "--freeze vision and LoRA on the vision tower contradict"),
+    "freeze_and_blocks": (["--no-lora", "--freeze", "text", "--last-blocks", "1"],
+                          "--freeze text and --last-blocks on the text tower contradict"),
     "resume_without_checkpoint": (["--resume", "latest", "--batch-size", "4"], "no complete checkpoint"),
     "missing_config_file": (["--config", "/nowhere/run.yaml"], "cannot read config file /nowhere/run.yaml"),
 }

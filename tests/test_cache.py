@@ -105,3 +105,26 @@ def test_cached_linear_probe_matches_uncached(tmp_path):
     weights = [load_file(tmp_path / f"out-{c}" / "adapter_model.safetensors") for c in (False, True)]
     for name, tensor in weights[0].items():
         assert torch.allclose(weights[1][name], tensor, atol=1e-5), name
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("spec", [AdapterSpec(partial=PartialConfig(projections=True, logit_scale=True)),
+                                  AdapterSpec(lora=LoraConfig(r=2, towers=["vision"]),
+                                              partial=PartialConfig(projections=True))])
+def test_group_learning_rates_apply_with_the_cache_on_and_off(pairs, cached, spec):
+    """Parameter groups come from canonical names, whatever wraps the model (PEFT, the feature cache)."""
+    from peftclip.train import create_optimizer, param_group
+    base = load_base()
+    model, tokenize = apply_strategy(base.model, spec, base.tokenizer)
+    train_model = model
+    if cached:
+        data = TrainPairs(pairs, base.preprocess_val, tokenize)
+        train_model, _ = cache_frozen_towers(model, data, base.info, augment=False, cache=FeatureCache())
+        assert type(train_model).__name__ == "CachedCLIP"
+    config = TrainConfig(lr=1e-3, group_lr={"projections": 0.5, "lora": 0.25})
+    optimizer = create_optimizer(train_model, config)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, param in train_model.named_parameters():
+        if param.requires_grad:
+            want = 0.25 if "lora_" in name else 0.5
+            assert lr_of[id(param)] == want, (name, param_group(name))

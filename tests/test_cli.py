@@ -279,6 +279,81 @@ def test_search_rebuilds_the_index_when_the_folder_changes(tiny_adapter, shapes,
     assert len(listed) == 39 and not any("00000.png" in line for line in listed)
 
 
+def test_a_damaged_index_in_the_cache_is_rebuilt(tiny_adapter, shapes, tmp_path, capsys, monkeypatch):
+    from peftclip.index import default_index_path
+    monkeypatch.setenv("PEFTCLIP_CACHE", str(tmp_path / "cache"))
+    argv = ["search", str(tiny_adapter), "--images", str(shapes / "images"), "--query", "a red circle"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    index = default_index_path(shapes / "images")
+    index.write_bytes(index.read_bytes()[:100])  # truncated, as by a crash or a full disk
+    for _ in range(2):  # rebuilt once, then reused
+        assert main(argv) == 0
+        assert capsys.readouterr().out == first
+    assert index.stat().st_size > 100
+
+
+@pytest.mark.parametrize("content", [b"my notes, not an index", None])
+def test_an_index_flag_naming_a_file_that_is_not_an_index_is_refused_and_kept(tiny_adapter, shapes, tmp_path,
+                                                                              capsys, content):
+    index = tmp_path / "notes.safetensors"
+    if content is None:
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(2)}, index)  # safetensors, but not peftclip's
+        content = index.read_bytes()
+    else:
+        index.write_bytes(content)
+    assert main(["search", str(tiny_adapter), "--images", str(shapes / "images"), "--query", "a red circle",
+                 "--index", str(index)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {index} is not a peftclip search index") and err.count("\n") == 1
+    assert index.read_bytes() == content
+
+
+_LIMITED_WRITES = """
+import resource, signal, sys
+from peftclip.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_embed_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_adapter, shapes, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "out" / "emb.safetensors"
+    done = subprocess.run([sys.executable, "-c", _LIMITED_WRITES, "embed", str(tiny_adapter), "--images",
+                           str(shapes / "images"), "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == f"error: cannot write {out}: File too large (free some space or write " \
+                                           f"elsewhere)"
+    assert "Traceback" not in done.stderr and list(out.parent.iterdir()) == []
+
+
+def test_top_k_below_one_is_refused(tiny_adapter, shapes, capsys):
+    assert main(["search", str(tiny_adapter), "--images", str(shapes / "images"), "--query", "x",
+                 "--top-k", "-3"]) == 2
+    assert capsys.readouterr().err == "error: top_k=-3: must be at least 1\n"
+
+
+@pytest.mark.parametrize("command", ["info", "embed"])
+def test_metadata_without_a_base_is_a_one_line_error(tiny_adapter, tmp_path, capsys, command):
+    import json
+    import shutil
+    folder = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, folder)
+    metadata = json.loads((folder / "peftclip_config.json").read_text())
+    del metadata["base"], metadata["metadata_sha256"]
+    (folder / "peftclip_config.json").write_text(json.dumps(metadata))
+    extra = ["--texts", str(tmp_path / "t.txt"), "--out", str(tmp_path / "e.safetensors")] if command == "embed" else []
+    (tmp_path / "t.txt").write_text("a red circle\n")
+    assert main([command, str(folder), *extra]) == 2
+    want = f"error: {folder / 'peftclip_config.json'}: field 'base' is missing or not a dict\n"
+    assert capsys.readouterr().err == want
+
+
 def test_merge_writes_a_plain_open_clip_checkpoint(tiny_adapter, tmp_path, capsys):
     import open_clip
 

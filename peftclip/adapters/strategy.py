@@ -46,6 +46,30 @@ class AdapterSpec:
     visual_prompt: VisualPromptConfig | None = None
     head: HeadConfig | None = None
 
+    def __post_init__(self) -> None:
+        if pair := self._contradiction():
+            raise ValueError(f"{pair[0]} and {pair[1]} contradict each other: {pair[2]}")
+
+    def _contradiction(self) -> tuple[str, str, str] | None:
+        """The first pair of settings that ask for opposite things, with why, or None."""
+        partial = self.partial
+        if partial is not None and partial.full:
+            for flag, on in (("--freeze", partial.freeze is not None), ("--projections", partial.projections),
+                             ("--logit-scale", partial.logit_scale), ("--last-blocks", partial.last_blocks > 0),
+                             ("--new-proj-dim", partial.new_proj_dim is not None)):
+                if on:
+                    return "--full", flag, f"--full trains every parameter already; drop {flag}"
+            if self.lora is not None:
+                return "--full", "LoRA", "--full trains every base weight; pass --no-lora"
+        frozen = partial.freeze if partial is not None else None
+        if frozen is not None:
+            flag = f"--freeze {frozen}"
+            if self.lora is not None and frozen in self.lora.towers:
+                return flag, f"LoRA on the {frozen} tower", f"pass --no-lora or --towers without {frozen}"
+            if partial.last_blocks and frozen in partial.block_towers:
+                return flag, f"--last-blocks on the {frozen} tower", f"pass --block-towers without {frozen}"
+        return None
+
     @classmethod
     def from_sections(cls, strategy: StrategyConfig, sections: dict[str, Any]) -> "AdapterSpec":
         """Pick each enabled method's section from parsed config sections."""
