@@ -68,13 +68,16 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    """Show an adapter's base, strategy, size and metrics."""
+    """Show an adapter's base, strategy, size and metrics.
+
+    Reads JSON and checks checksums (hashlib) only, never importing torch, so it answers in well under a second.
+    """
     from .hub import resolve_adapter
     from .io import METRICS_NAME, SAFETENSORS_WEIGHTS_NAME, read_metadata
     from .utils import human_size
 
     folder = resolve_adapter(args.adapter, args.revision)
-    metadata = read_metadata(folder)
+    metadata = read_metadata(folder, check_strategy=False)
     size = (folder / SAFETENSORS_WEIGHTS_NAME).stat().st_size
     print(f"adapter:    {folder}")
     print(f"base:       {', '.join(f'{k}={v}' for k, v in metadata['base'].items())}")
@@ -224,7 +227,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         spec = importlib.util.spec_from_file_location(f"peftclip_recipe_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    module.main(args.args)
+    from .recipe import recipe_prog
+
+    with recipe_prog(f"peftclip train {args.recipe}"):
+        module.main(args.args)
 
 
 def _model_arguments(parser: argparse.ArgumentParser, bare_base: bool = True) -> None:

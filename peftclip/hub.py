@@ -12,13 +12,9 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import huggingface_hub
-import open_clip
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import LocalEntryNotFoundError
-from torch import nn
 
 from .io import (
     ADAPTER_CONFIG_NAME,
@@ -29,8 +25,15 @@ from .io import (
     load_adapter,
     read_metadata,
 )
-from .models import BaseModel, hub_base_model
 from .utils import human_size
+
+# open_clip, torch (through peftclip.models) and huggingface_hub's card classes load inside the functions
+# that need them, so resolving an adapter folder for `peftclip info` stays quick and torch-free.
+if TYPE_CHECKING:
+    from huggingface_hub import EvalResult, ModelCardData
+    from torch import nn
+
+    from .models import BaseModel, hub_base_model
 
 __all__ = ["PIPELINE_TAGS", "create_model_card", "download_adapter", "hub_base_model", "load_adapter_from_hub",
            "prepare_push_folder", "push_to_hub", "resolve_adapter"]
@@ -42,6 +45,15 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # names. A retrieval adapter is used for its image and text embeddings (search, similarity), which is the
 # Hub's feature-extraction task, the one multimodal embedding models such as jinaai/jina-clip-v1 carry.
 PIPELINE_TAGS = {"classification": "zero-shot-image-classification", "retrieval": "feature-extraction"}
+
+
+def __getattr__(name: str) -> Any:
+    """`hub_base_model` is defined in peftclip.models (which imports torch) and re-exported here on first use."""
+    if name == "hub_base_model":
+        from .models import hub_base_model
+
+        return hub_base_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -65,11 +77,15 @@ def _base_license(base: dict[str, Any]) -> str | None:
     """The license open_clip's pretrained config records for the base's tag, if it records one."""
     if base.get("pretrained") is None or "weights_sha256" in base or base["model_name"].startswith("hf-hub:"):
         return None
+    import open_clip
+
     return open_clip.get_pretrained_cfg(base["model_name"], base["pretrained"]).get("license")
 
 
 def _eval_results(task: str, data: dict[str, Any], after: dict[str, Any]) -> list[EvalResult]:
     """The adapted model's metrics as model-index results on its held-out data; none without a data source."""
+    from huggingface_hub import EvalResult
+
     source = data.get("source")
     if not source:
         return []
@@ -80,6 +96,10 @@ def _eval_results(task: str, data: dict[str, Any], after: dict[str, Any]) -> lis
 
 def _card_data(metadata: dict[str, Any], metrics: dict[str, Any], repo_id: str, license: str) -> ModelCardData:
     """The card's YAML metadata: library, base, task, license, tags, datasets and the metrics' model-index."""
+    from huggingface_hub import ModelCardData
+
+    from .models import hub_base_model
+
     base, training = metadata["base"], metadata.get("training", {})
     hub_id = hub_base_model(base)
     # classification when trained on class names, as `peftclip eval` decides
@@ -106,6 +126,10 @@ def create_model_card(adapter_dir: str | os.PathLike, repo_id: str, license: str
 
     >>> print(create_model_card("outputs/lora_retrieval", "me/shapes-lora"))  # doctest: +SKIP
     """
+    from huggingface_hub import ModelCard
+
+    from .models import hub_base_model
+
     adapter_dir = Path(adapter_dir)
     metadata = read_metadata(adapter_dir)
     metrics_file = adapter_dir / METRICS_NAME
@@ -228,6 +252,8 @@ def push_to_hub(adapter_dir: str | os.PathLike, repo_id: str, *, private: bool =
 def download_adapter(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                      token: str | None = None) -> Path:
     """Fetch an adapter's safetensors and JSON files through the Hugging Face cache; returns the folder."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     _check_repo_id(repo_id)
     try:
         folder = Path(huggingface_hub.snapshot_download(

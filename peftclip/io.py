@@ -12,16 +12,28 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import peft
-import torch
-from safetensors.torch import load as load_safetensors
-from torch import nn
+from .utils import (
+    cache_root,
+    default_mode,
+    file_sha256,
+    fsync_dir,
+    inner_model,
+    replace_dir,
+    save_safetensors,
+    write_error,
+    write_json_atomic,
+)
 
-from .adapters.strategy import AdapterSpec, apply_strategy, inner_model
-from .models import BaseModel, file_sha256, hub_base_model
-from .utils import cache_root, default_mode, fsync_dir, replace_dir, save_safetensors, write_error, write_json_atomic
+# torch, peft and the adapter methods load inside the functions that need them: reading an adapter's
+# metadata (`read_metadata(..., check_strategy=False)`, what `peftclip info` does) needs JSON and hashlib only.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .adapters.strategy import AdapterSpec
+    from .models import BaseModel
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -55,8 +67,8 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Every file peftclip writes into an adapter folder; a folder holding anything else is the user's.
 ADAPTER_FOLDER_FILES = frozenset({ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, METADATA_NAME, METRICS_NAME,
                                   "README.md", "training_curves.png"})
-# Floating-point dtypes an adapter may be written in; tensors are cast back to the model's on load.
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Floating-point dtypes an adapter may be written in (torch's names); tensors are cast back to the model's on load.
+SAVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class AdapterError(ValueError):
@@ -65,6 +77,8 @@ class AdapterError(ValueError):
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Every tensor an adapter consists of: PEFT's LoRA weights plus unfrozen base or added parameters."""
+    import peft
+
     tensors = {}
     if isinstance(model, peft.PeftModel):
         tensors.update(peft.get_peft_model_state_dict(model, adapter_name=adapter_name))
@@ -85,11 +99,15 @@ def save_adapter_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLi
 
     Returns the tensors as written.
 
+    >>> import torch
     >>> save_adapter_weights({"w": torch.ones(2)}, "a.safetensors", "bf16")["w"].dtype
     torch.bfloat16
     """
+    import torch
+
     _check_save_dtype(save_dtype)
-    state = {k: v.to(SAVE_DTYPES[save_dtype]) if v.is_floating_point() else v for k, v in tensors.items()}
+    dtype = getattr(torch, SAVE_DTYPES[save_dtype])
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     save_safetensors(state, path, metadata={"format": "pt"})
     os.chmod(path, default_mode())  # safetensors writes 0600
     return state
@@ -117,6 +135,10 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
         save_dtype: one of SAVE_DTYPES; "bf16" or "fp16" halve the file (floating-point tensors only).
         overwrite: whether an existing adapter folder at `output_dir` may be replaced.
     """
+    import peft
+
+    from .models import hub_base_model
+
     _check_save_dtype(save_dtype)
     output_dir = check_output_dir(output_dir, overwrite=overwrite)
     try:
@@ -292,9 +314,9 @@ def _check_metadata(path: Path, metadata: Any) -> None:
         raise AdapterError(f"{path}: checksum mismatch (the metadata was edited or damaged)")
 
 
-def _check_folder(adapter_dir: Path) -> tuple[dict[str, Any], AdapterSpec]:
+def _check_folder(adapter_dir: Path, check_strategy: bool = True) -> tuple[dict[str, Any], AdapterSpec | None]:
     """The metadata and strategy of an adapter folder whose files are present, parse, and (but for the
-    weights, checked by the caller) match their checksums."""
+    weights, checked by the caller) match their checksums; the strategy is None unless `check_strategy`."""
     if adapter_dir.is_file() or adapter_dir.suffix in _PICKLE_SUFFIXES:
         if adapter_dir.suffix in _PICKLE_SUFFIXES:
             raise AdapterError(f"{adapter_dir}: pickle files are never loaded as adapters; "
@@ -313,12 +335,16 @@ def _check_folder(adapter_dir: Path) -> tuple[dict[str, Any], AdapterSpec]:
         raise AdapterError(f"{adapter_dir}: missing {METADATA_NAME}")
     metadata = _read_json(adapter_dir / METADATA_NAME)
     _check_metadata(adapter_dir / METADATA_NAME, metadata)
-    try:
-        spec = AdapterSpec.from_dict(metadata["strategy"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise AdapterError(f"{adapter_dir / METADATA_NAME}: bad strategy ({e})") from e
+    spec = None
+    if check_strategy:
+        from .adapters.strategy import AdapterSpec
+
+        try:
+            spec = AdapterSpec.from_dict(metadata["strategy"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise AdapterError(f"{adapter_dir / METADATA_NAME}: bad strategy ({e})") from e
     config_path = adapter_dir / ADAPTER_CONFIG_NAME
-    if spec.lora is not None:
+    if "lora" in metadata["strategy"]:
         if not config_path.is_file():
             raise AdapterError(f"{adapter_dir}: missing {ADAPTER_CONFIG_NAME}")
         peft_config = _read_json(config_path)
@@ -337,10 +363,16 @@ def _check_checksum(weights: Path, metadata: dict[str, Any], actual: str) -> Non
                            f"expected {metadata.get('weights_sha256')}, got {actual}")
 
 
-def read_metadata(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check an adapter folder's metadata; refuses pickles, altered files and bad metadata."""
+def read_metadata(adapter_dir: str | os.PathLike, check_strategy: bool = True) -> dict[str, Any]:
+    """Read and check an adapter folder's metadata; refuses pickles, altered files and bad metadata.
+
+    Args:
+        adapter_dir: the adapter folder.
+        check_strategy: also parse the strategy into its config dataclasses (this imports torch and the
+            adapter methods); without it only JSON and checksums are read, which is what `peftclip info` needs.
+    """
     adapter_dir = Path(adapter_dir)
-    metadata, _ = _check_folder(adapter_dir)
+    metadata, _ = _check_folder(adapter_dir, check_strategy)
     weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
     _check_checksum(weights, metadata, file_sha256(weights))
     return metadata
@@ -372,6 +404,8 @@ def read_adapter(adapter_dir: str | os.PathLike, base_info: dict[str, Any] | Non
     With `base_info`, also checks that the adapter was trained on that base. `load_adapter`
     and `AdaptedCLIP` both read adapters through this one function.
     """
+    from safetensors.torch import load as load_safetensors
+
     adapter_dir = Path(adapter_dir)
     metadata, spec = _check_folder(adapter_dir)
     weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
@@ -415,6 +449,11 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
 
     >>> model = load_adapter(load_base(), "outputs/lora_retrieval")  # doctest: +SKIP
     """
+    import peft
+    import torch
+
+    from .adapters.strategy import apply_strategy
+
     saved = read_adapter(adapter_dir, base.info)
     spec = saved.spec
     try:
@@ -434,6 +473,8 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
 
 def _load_extra_tensors(adapter_dir: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy saved non-LoRA tensors into `model`'s parameters of the same names; they must match exactly."""
+    import torch
+
     expected = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import pickle
@@ -22,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import timm_trunks  # noqa: F401  (registers the tiny timm trunks the tiny configs name)
-from .utils import ConfigMixin
+from .utils import ConfigMixin, file_sha256
 
 __all__ = ["BaseConfig", "BaseModel", "TINY_MODEL", "describe_base", "freeze", "hub_base_model", "load_base"]
 
@@ -161,15 +160,6 @@ def hub_base_model(base: dict[str, Any]) -> str | None:
         return None  # random init or a local weights file: not on the Hub
     hub_file = _pretrained_hub_file(name, tag)
     return hub_file[0] if hub_file else None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_base(config: BaseConfig) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import signal
 import threading
 from typing import Any, Callable, Iterator
@@ -14,12 +15,34 @@ from .config import add_config_arguments, parse_config
 from .io import check_output_dir, lock_output_dir
 from .train import TrainingInterrupted, create_accelerator
 
-__all__ = ["recipe_parser", "run_recipe"]
+__all__ = ["recipe_parser", "recipe_prog", "run_recipe"]
+
+# The command a recipe runs under when another command starts it (`peftclip train NAME`); None: the script's name.
+_PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftclip_recipe_prog", default=None)
 
 
-def recipe_parser(doc: str, sections: dict[str, type], skip: frozenset[str] = frozenset()) -> argparse.ArgumentParser:
-    """A parser with `--config` and one flag per field of every section (fields in `skip` left out)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+@contextlib.contextmanager
+def recipe_prog(prog: str) -> Iterator[None]:
+    """Name the command (e.g. `peftclip train lora_retrieval`) in the usage line of recipes run inside.
+
+    A recipe's `main(argv)` builds its parser itself; this is how `peftclip train` tells it its name.
+    """
+    token = _PROG.set(prog)
+    try:
+        yield
+    finally:
+        _PROG.reset(token)
+
+
+def recipe_parser(doc: str, sections: dict[str, type], skip: frozenset[str] = frozenset(),
+                  prog: str | None = None) -> argparse.ArgumentParser:
+    """A parser with `--config` and one flag per field of every section (fields in `skip` left out).
+
+    Its usage line names `prog`, else the command `recipe_prog` set, else the script (argparse's default:
+    `lora_retrieval.py` for `python recipes/lora_retrieval.py` and `python -m peftclip.recipes.lora_retrieval`).
+    """
+    parser = argparse.ArgumentParser(prog=prog or _PROG.get(), description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file with sections named as below; flags override it.")
     for section, cls in sections.items():
         add_config_arguments(parser, section, cls, skip=skip)

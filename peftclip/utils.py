@@ -15,11 +15,12 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
+# torch and safetensors load inside the functions that need them, so `peftclip info` (JSON and hashlib only)
+# never imports torch.
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -47,6 +48,8 @@ def canonical_name(name: str) -> str:
 
 def inner_model(model: torch.nn.Module) -> torch.nn.Module:
     """The open_clip model inside DDP, PEFT or feature-cache wrappers (or `model` itself)."""
+    import torch
+
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -182,6 +185,9 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """safetensors' `save_file`, with its I/O failures (a full disk) raised as the OSError they are."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     try:
         save_file(tensors, path, metadata=metadata)
     except SafetensorError as e:
@@ -244,6 +250,15 @@ def replace_dir(new: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def human_size(size: float) -> str:
