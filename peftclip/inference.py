@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters.attention import SplitMultiheadAttention, convert_attention
+from .adapters.attention import SPLIT_MODULES, convert_attention
 from .adapters.heads import CLASSIFIER_NAME, DEFAULT_TEMPLATES, classifier, create_head
 from .adapters.lora import to_peft_config
 from .adapters.partial import select_parameters
@@ -502,22 +502,17 @@ def _batched(items: ImageInput | list[str], batch_size: int, what: str,
 def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """open_clip's own state dict layout for a converted (and maybe LoRA-wrapped, merged) model.
 
-    Split attention goes back to fused `in_proj_weight`/`in_proj_bias`; PEFT wrappers are
-    looked through to their (merged) base layers; LoRA and peftclip-only tensors are dropped.
+    Each split module (`SplitMultiheadAttention`, `SplitQKV`, `SplitAttentionPool2d`) writes its
+    original layout (`open_clip_state`); PEFT wrappers are looked through to their (merged) base
+    layers; LoRA and peftclip-only tensors are dropped.
     """
     state: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, SplitMultiheadAttention):
-            linears = [getattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
-            layers = [getattr(layer, "base_layer", layer) for layer in linears]
-            state[f"{name}.in_proj_weight"] = torch.cat([lin.weight for lin in layers[:3]])
-            if layers[0].bias is not None:
-                state[f"{name}.in_proj_bias"] = torch.cat([lin.bias for lin in layers[:3]])
-                state[f"{name}.out_proj.bias"] = layers[3].bias
-            state[f"{name}.out_proj.weight"] = layers[3].weight
-    attention = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, SplitMultiheadAttention))
+    split = [(n, m) for n, m in model.named_modules() if isinstance(m, SPLIT_MODULES)]
+    for name, module in split:
+        state.update(module.open_clip_state(name))
+    inside = tuple(f"{n}." for n, _ in split)
     for key, tensor in model.state_dict().items():
-        if key.startswith(attention) or "lora_" in key or key.startswith("peftclip_"):
+        if key.startswith(inside) or "lora_" in key or key.startswith("peftclip_"):
             continue
         state[key.replace(".base_layer.", ".")] = tensor
     # Copies, not views: the caller may unmerge the live weights before writing these out.

@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SplitAttentionPool2d", "SplitMultiheadAttention", "SplitQKV", "convert_attention"]
+__all__ = ["SPLIT_MODULES", "SplitAttentionPool2d", "SplitMultiheadAttention", "SplitQKV", "convert_attention"]
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    """The layer itself, or the (possibly merged) base layer a PEFT wrapper holds."""
+    return getattr(layer, "base_layer", layer)
 
 
 class SplitMultiheadAttention(nn.Module):
@@ -73,6 +78,16 @@ class SplitMultiheadAttention(nn.Module):
         new.requires_grad_(mha.out_proj.weight.requires_grad)
         return new
 
+    def open_clip_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This module's weights as the `nn.MultiheadAttention` at `name` held them (fused in_proj)."""
+        q, k, v, out = (_base(getattr(self, p)) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+        state = {f"{name}.in_proj_weight": torch.cat([q.weight, k.weight, v.weight]),
+                 f"{name}.out_proj.weight": out.weight}
+        if q.bias is not None:
+            state[f"{name}.in_proj_bias"] = torch.cat([q.bias, k.bias, v.bias])
+            state[f"{name}.out_proj.bias"] = out.bias
+        return state
+
     def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
               batch: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Merge both masks into one additive float mask broadcastable to (B, heads, L, S)."""
@@ -118,9 +133,12 @@ class SplitMultiheadAttention(nn.Module):
 class SplitQKV(nn.Module):
     """Three linears standing in for a fused `qkv` linear: `forward(x)` is `cat(q(x), k(x), v(x))`."""
 
-    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear) -> None:
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+                 separate_biases: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj = q_proj, k_proj, v_proj
+        # EVA keeps its biases beside a bias-free `qkv` ("q_bias", "v_bias"); empty for a fused `qkv.bias`.
+        self.separate_biases = separate_biases
 
     @classmethod
     def from_fused(cls, qkv: nn.Linear, biases: tuple[torch.Tensor | None, ...] = (None, None, None)) -> "SplitQKV":
@@ -139,6 +157,17 @@ class SplitQKV(nn.Module):
                 linear.requires_grad_(qkv.weight.requires_grad)
         return cls(*linears)
 
+    def open_clip_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This module's weights as the fused `qkv` linear at `name` (and EVA's biases beside it) held them."""
+        layers = dict(zip("qkv", (_base(p) for p in (self.q_proj, self.k_proj, self.v_proj))))
+        state = {f"{name}.weight": torch.cat([layer.weight for layer in layers.values()])}
+        if self.separate_biases:
+            owner = name.rpartition(".")[0]
+            state.update({f"{owner}.{bias}": layers[bias[0]].bias for bias in self.separate_biases})
+        elif layers["q"].bias is not None:
+            state[f"{name}.bias"] = torch.cat([layer.bias for layer in layers.values()])
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
@@ -151,6 +180,14 @@ class SplitAttentionPool2d(nn.Module):
         self.positional_embedding = pool.positional_embedding
         self.k_proj, self.q_proj, self.v_proj, self.c_proj = pool.k_proj, pool.q_proj, pool.v_proj, pool.c_proj
         self.num_heads = pool.num_heads
+
+    def open_clip_state(self, name: str) -> dict[str, torch.Tensor]:
+        """This module's weights as the `AttentionPool2d` at `name` held them (the same names)."""
+        state = {f"{name}.positional_embedding": self.positional_embedding}
+        for projection in ("k_proj", "q_proj", "v_proj", "c_proj"):
+            layer = _base(getattr(self, projection))
+            state.update({f"{name}.{projection}.{k}": t for k, t in layer.named_parameters(recurse=False)})
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, HW, C)
@@ -176,7 +213,9 @@ def _split_fused_qkv(model: nn.Module) -> int:
     owners = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "qkv", None), nn.Linear)]
     for name, owner in owners:
         biases = tuple(getattr(owner, f"{x}_bias", None) for x in "qkv")
+        saved = tuple(k for k in owner.state_dict(keep_vars=True) if k in ("q_bias", "k_bias", "v_bias"))
         owner.qkv = SplitQKV.from_fused(owner.qkv, tuple(None if b is None else b.detach() for b in biases))
+        owner.qkv.separate_biases = saved  # EVA's k_bias is a zero buffer left out of checkpoints
         for x in "qkv":  # folded into the split biases; None makes EVA's forward call self.qkv(x)
             if getattr(owner, f"{x}_bias", None) is not None:
                 setattr(owner, f"{x}_bias", None)
@@ -205,3 +244,7 @@ def convert_attention(model: nn.Module) -> int:
     for name, pool in pools:
         _replace(model, name, SplitAttentionPool2d(pool).train(pool.training))
     return len(targets) + len(pools) + _split_fused_qkv(model)
+
+
+# Every module `convert_attention` puts in; each writes back its original layout with `open_clip_state`.
+SPLIT_MODULES = (SplitMultiheadAttention, SplitQKV, SplitAttentionPool2d)

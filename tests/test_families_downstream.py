@@ -1,0 +1,115 @@
+"""Every tiny open_clip family goes the whole way: save/load, AdaptedCLIP, merge, scale and plain export."""
+
+from __future__ import annotations
+
+import huggingface_hub
+import open_clip
+import pytest
+import torch
+
+from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.partial import PartialConfig
+from peftclip.adapters.strategy import AdapterSpec, apply_strategy
+from peftclip.inference import AdaptedCLIP
+from peftclip.io import load_adapter, save_adapter
+from peftclip.models import BaseConfig, load_base
+from tests.conftest import image_batch
+from tests.hf_cache import fill_hub_cache
+
+TOL = 1e-5
+MERGED_TOL = 1e-4  # (W + s·BA)x rounds differently from Wx + s·B(Ax)
+FAMILIES = ["peftclip-tiny", "peftclip-tiny-siglip", "peftclip-tiny-convnext", "peftclip-tiny-resnet",
+            "peftclip-tiny-eva", "peftclip-tiny-hftext"]
+SPECS = {"lora": AdapterSpec(lora=LoraConfig(r=2)), "projections": AdapterSpec(partial=PartialConfig(projections=True))}
+TEXTS = ["a red circle", "two dogs playing in the snow"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_hub(tmp_path_factory):
+    """The tiny tokenizer and HF text config in an offline hub cache, for SigLIP and HF-text families."""
+    hub_cache = tmp_path_factory.mktemp("hub")
+    fill_hub_cache(hub_cache)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+def _outputs(model, tokenizer) -> dict[str, torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        return {"image": model.encode_image(image_batch(model)), "text": model.encode_text(tokenizer(TEXTS))}
+
+
+def _close(got, want, atol=TOL) -> bool:
+    return all(torch.allclose(got[k], want[k], atol=atol, rtol=0) for k in want)
+
+
+def _trained(name: str, spec: AdapterSpec, folder, seed: int):
+    """Save an adapter of `spec` with random non-zero weights on `name`; returns its folder and outputs."""
+    torch.manual_seed(seed)
+    base = load_base(BaseConfig(model_name=name))
+    model, tokenize = apply_strategy(base.model, spec, base.tokenizer, init_lora_weights=False)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    return save_adapter(model, folder, base.info, spec.to_dict()), _outputs(model, tokenize)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(model name, {strategy: (folder, outputs)}, bare base outputs) for one tiny family."""
+    name = request.param
+    folder = tmp_path_factory.mktemp(name)
+    saved = {kind: _trained(name, spec, folder / kind, seed) for seed, (kind, spec) in enumerate(SPECS.items())}
+    base = load_base(BaseConfig(model_name=name))
+    return name, saved, _outputs(base.model, base.tokenizer)
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_a_saved_adapter_reloads_onto_a_fresh_base_to_the_same_outputs(family, kind):
+    name, saved, base_outputs = family
+    base = load_base(BaseConfig(model_name=name))
+    got = _outputs(load_adapter(base, saved[kind][0]), base.tokenizer)
+    assert _close(got, saved[kind][1])
+    assert not _close(got, base_outputs)  # the adapter really changes something
+
+
+def test_adapted_clip_switches_merges_scales_and_exports_a_plain_open_clip_checkpoint(family, tmp_path):
+    name, saved, base_outputs = family
+    clip = AdaptedCLIP(load_base(BaseConfig(model_name=name)))
+    for kind in SPECS:
+        clip.load_adapter(saved[kind][0], kind)
+    for kind in [*SPECS, None, "lora"]:
+        with clip.using(kind) as model:
+            assert _close(_outputs(model, clip.tokenizer()), saved[kind][1] if kind else base_outputs), kind
+
+    clip.merge("lora")
+    with clip.using("lora") as model:
+        merged = _outputs(model, clip.tokenizer())
+    assert _close(merged, saved["lora"][1], atol=MERGED_TOL)
+    path = clip.export_merged("lora", tmp_path / "merged.safetensors")
+    clip.unmerge()
+    with clip.using("lora") as model:
+        assert _close(_outputs(model, clip.tokenizer()), saved["lora"][1])
+
+    clip.set_scale("lora", 0.5)
+    with clip.using("lora") as model:
+        half = _outputs(model, clip.tokenizer())
+    assert not _close(half, saved["lora"][1]) and not _close(half, base_outputs)
+    clip.set_scale("lora", 1.0)
+    with clip.using("lora") as model:
+        assert _close(_outputs(model, clip.tokenizer()), saved["lora"][1])
+
+    plain, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(path))  # no peftclip conversion
+    assert _close(_outputs(plain, open_clip.get_tokenizer(name)), merged)
+
+
+def test_a_rank_above_a_layer_width_warns_naming_the_layer():
+    base = load_base(BaseConfig(model_name="peftclip-tiny"))
+    width = base.model.visual.transformer.resblocks[0].attn.out_proj.in_features
+    with pytest.warns(UserWarning, match=rf"r={width + 1} is larger .* visual\.transformer\.resblocks\.0\.attn\.q_proj "
+                                         rf"\(width {width}\)"):
+        apply_lora(base.model, LoraConfig(r=width + 1, towers=["vision"]))
