@@ -22,40 +22,62 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .adapters.strategy import inner_model
+from .families import TOWERS, projection_name, tower_prefix
 from .utils import write_safetensors_atomic
 
 __all__ = ["CachedCLIP", "CachedLabelled", "CachedPairs", "FeatureCache", "cache_frozen_towers", "cache_image_tower",
            "compute_features", "tower_modes"]
 
-_PROJECTIONS = {"vision": ("visual", "proj"), "text": (None, "text_projection")}
 _DISK_MIN_BYTES = 64 << 20  # keep smaller caches in memory only
+_PROMPTS = {"vision": "peftclip_visual_prompt", "text": "peftclip_text_prompt"}
+# open_clip's native text tower lives on the CLIP model itself: these are its parts there.
+_NATIVE_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
-def _tower(name: str) -> str | None:
-    if name.startswith(("visual.", "peftclip_visual_prompt")):
-        return "vision"
-    if name.startswith(("token_embedding", "positional_embedding", "transformer.", "ln_final",
-                        "text_projection", "peftclip_text_prompt")):
-        return "text"
-    return None
+def _in_tower(model: nn.Module, name: str, tower: str) -> bool:
+    """Whether parameter `name` of the (unwrapped) CLIP `model` belongs to `tower`."""
+    prefix = tower_prefix(model, tower)
+    return name.startswith((_PROMPTS[tower], prefix) if prefix else (_PROMPTS[tower], *_NATIVE_TEXT))
+
+
+def _projection_parameter(model: nn.Module, tower: str) -> str | None:
+    """Full name of `tower`'s projection when it is a plain matrix (`x @ proj`); None for a module or none."""
+    name = projection_name(model, tower)
+    if name is None:
+        return None
+    try:
+        model.get_parameter(name)
+    except AttributeError:  # a module (timm's head.proj, an nn.Linear text_projection): the tower stays live
+        return None
+    return name
 
 
 def tower_modes(model: nn.Module) -> dict[str, str]:
-    """'live', 'trunk' or 'full' for each tower of an adapted open_clip model."""
+    """'live', 'trunk' or 'full' for each tower of an adapted open_clip model, of any tower family.
+
+    `trunk` needs a projection that is a plain matrix; a tower whose trainable projection is a
+    module (timm's `head.proj`) is `live`.
+    """
+    clip = inner_model(model)
+    trainable = [n for n, p in clip.named_parameters() if p.requires_grad]
     modes = {}
-    projections = {"vision": "visual.proj", "text": "text_projection"}
-    trainable = [n for n, p in inner_model(model).named_parameters() if p.requires_grad]
-    for tower, projection in projections.items():
-        inside = [n for n in trainable if _tower(n) == tower]
-        modes[tower] = "full" if not inside else "trunk" if inside == [projection] else "live"
+    for tower in TOWERS:
+        inside = [n for n in trainable if _in_tower(clip, n, tower)]
+        projection = _projection_parameter(clip, tower)
+        modes[tower] = "full" if not inside else "trunk" if projection and inside == [projection] else "live"
     return modes
+
+
+def _projection_slot(model: nn.Module, tower: str) -> tuple[nn.Module, str]:
+    """(owner module, attribute) of `tower`'s matrix projection."""
+    owner, _, attr = _projection_parameter(model, tower).rpartition(".")
+    return (model.get_submodule(owner) if owner else model), attr
 
 
 @contextlib.contextmanager
 def _without_projection(model: nn.Module, tower: str) -> Iterator[None]:
     """Temporarily drop a tower's projection so open_clip returns pre-projection features."""
-    owner_name, attr = _PROJECTIONS[tower]
-    owner = getattr(model, owner_name) if owner_name else model
+    owner, attr = _projection_slot(model, tower)
     saved = getattr(owner, attr)
     setattr(owner, attr, None)
     try:
@@ -128,7 +150,8 @@ class CachedCLIP(nn.Module):
             encode = self.model.encode_image if tower == "vision" else self.model.encode_text
             features = encode(x)
         elif mode == "trunk":
-            features = x @ (clip.visual.proj if tower == "vision" else clip.text_projection)
+            owner, attr = _projection_slot(clip, tower)
+            features = x @ getattr(owner, attr)
         else:
             features = x
         return F.normalize(features, dim=-1) if normalize else features

@@ -10,9 +10,14 @@ import torch
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.adapters.partial import PartialConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
+from peftclip.cache import FeatureCache, cache_frozen_towers, tower_modes
+from peftclip.data import DataConfig, TrainPairs, load_pairs
+from peftclip.families import projection_name
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, save_adapter
 from peftclip.models import BaseConfig, load_base
+from peftclip.synthetic import make_shapes_dataset
+from peftclip.train import TrainConfig, create_accelerator, train
 from tests.conftest import image_batch
 from tests.hf_cache import fill_hub_cache
 
@@ -113,3 +118,51 @@ def test_a_rank_above_a_layer_width_warns_naming_the_layer():
     with pytest.warns(UserWarning, match=rf"r={width + 1} is larger .* visual\.transformer\.resblocks\.0\.attn\.q_proj "
                                          rf"\(width {width}\)"):
         apply_lora(base.model, LoraConfig(r=width + 1, towers=["vision"]))
+
+
+SIGLIP = "peftclip-tiny-siglip"
+CACHE_CASES = {"vision_lora": (["vision"], {"vision": "live", "text": "full"}),
+               "text_lora": (["text"], {"vision": "full", "text": "live"})}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    source = make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", n_images=24)
+    return load_pairs(DataConfig(source=str(source), val_fraction=0.2))[0]
+
+
+def _train_siglip(pairs, towers: list[str], cached: bool, folder) -> tuple[list[float], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    base = load_base(BaseConfig(model_name=SIGLIP))
+    model, tokenize = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2, towers=towers)), base.tokenizer)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = TrainPairs(pairs, base.preprocess_val, tokenize, seed=0)
+    train_model = model
+    if cached:
+        train_model, data = cache_frozen_towers(model, data, base.info, augment=False, cache=FeatureCache())
+        assert train_model.modes == CACHE_CASES["text_lora" if towers == ["text"] else "vision_lora"][1]
+    config = TrainConfig(output_dir=str(folder), batch_size=8, epochs=1, lr=1e-2, warmup_steps=0, num_workers=0,
+                         cpu=True)
+    losses = train(train_model, data, config, create_accelerator(config)).losses
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(not torch.equal(trained[n], initial[n]) for n in trained), "training changed nothing"
+    return losses, trained
+
+
+@pytest.mark.parametrize("case", list(CACHE_CASES))
+def test_siglip_towers_are_cached_only_when_frozen_and_cached_training_matches_uncached(pairs, case, tmp_path):
+    towers, modes = CACHE_CASES[case]
+    base = load_base(BaseConfig(model_name=SIGLIP))
+    model, _ = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2, towers=towers)), base.tokenizer)
+    assert tower_modes(model) == modes  # SigLIP's `text.` tower with LoRA is live, not cached
+    plain_losses, plain = _train_siglip(pairs, towers, cached=False, folder=tmp_path / "plain")
+    cached_losses, cached = _train_siglip(pairs, towers, cached=True, folder=tmp_path / "cached")
+    assert cached_losses == pytest.approx(plain_losses, abs=1e-4)
+    assert all(torch.allclose(cached[n], plain[n], atol=1e-4) for n in plain)
+
+
+def test_a_trainable_module_projection_keeps_its_tower_live():
+    base = load_base(BaseConfig(model_name=SIGLIP))
+    model, _ = apply_strategy(base.model, AdapterSpec(partial=PartialConfig(projections=True)), base.tokenizer)
+    assert isinstance(model.get_submodule(projection_name(model, "text")), torch.nn.Linear)  # not a matrix
+    assert tower_modes(model) == {"vision": "full", "text": "live"}  # SigLIP's vision tower has no projection
