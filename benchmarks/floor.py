@@ -119,15 +119,16 @@ def _random_batch(model: nn.Module, batch_size: int, generator: torch.Generator)
 
 
 def create_floor_step(model_name: str, strategy: str, batch_size: int, *, precision: str = "fp32",
-                      seed: int = 0) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+                      seed: int = 0, device: str = "cpu") -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     """Build a random-weight model and a closure doing one bare training step of `strategy`.
 
     Args:
         model_name: open_clip architecture (`peftclip-tiny`, `ViT-B-32`, ...).
         strategy: one of `STRATEGIES`.
         batch_size: image-caption pairs per step (random tensors, made once here).
-        precision: a key of `PRECISIONS`; bf16 runs the forward under CPU autocast.
+        precision: a key of `PRECISIONS`; bf16 runs the forward under autocast.
         seed: seed of the weights and the batch.
+        device: where the model and batch live (`cpu` or `cuda`).
 
     Returns:
         The model (so its parameters can be inspected) and `step()`, which runs forward,
@@ -143,7 +144,7 @@ def create_floor_step(model_name: str, strategy: str, batch_size: int, *, precis
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     plan = _PLANS[strategy]
     torch.manual_seed(seed)
-    model = open_clip.create_model(model_name)
+    model = open_clip.create_model(model_name, device=device)
     if not isinstance(model, open_clip.CLIP):
         raise ValueError(f"{model_name} builds a {type(model).__name__}; the floor needs open_clip's CLIP")
     model.train()
@@ -151,9 +152,9 @@ def create_floor_step(model_name: str, strategy: str, batch_size: int, *, precis
     for name, param in model.named_parameters():
         param.requires_grad_(_matches(name, plan.trainable))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    images, texts = _random_batch(model, batch_size, torch.Generator().manual_seed(seed))
+    images, texts = (t.to(device) for t in _random_batch(model, batch_size, torch.Generator().manual_seed(seed)))
     dtype = PRECISIONS[precision]
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
     def step() -> torch.Tensor:
         with autocast:
@@ -163,13 +164,15 @@ def create_floor_step(model_name: str, strategy: str, batch_size: int, *, precis
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if images.is_cuda:
+            torch.cuda.synchronize()  # the step's time is its kernels', not their launch
         return loss.detach()
 
     return model, step
 
 
 def floor_throughput(model_name: str, strategy: str, *, batch_size: int, steps: int, threads: int,
-                     warmup: int = 2, precision: str = "fp32") -> dict:
+                     warmup: int = 2, precision: str = "fp32", device: str = "cpu") -> dict:
     """Time `steps` bare training steps of `strategy` after `warmup` untimed ones.
 
     Args:
@@ -180,6 +183,7 @@ def floor_throughput(model_name: str, strategy: str, *, batch_size: int, steps: 
         threads: `torch.set_num_threads` value, set before anything else.
         warmup: untimed steps first (allocator, kernel selection).
         precision: a key of `PRECISIONS`.
+        device: `cpu` or `cuda`.
 
     >>> floor_throughput("peftclip-tiny", "lora", batch_size=4, steps=1, threads=1, warmup=0)["steps"]
     1
@@ -187,7 +191,7 @@ def floor_throughput(model_name: str, strategy: str, *, batch_size: int, steps: 
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least one timed step")
     torch.set_num_threads(threads)
-    _, step = create_floor_step(model_name, strategy, batch_size, precision=precision)
+    _, step = create_floor_step(model_name, strategy, batch_size, precision=precision, device=device)
     for _ in range(warmup):
         step()
     seconds = []
@@ -209,13 +213,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     results = []
     for strategy in args.strategies:
         result = floor_throughput(args.model, strategy, batch_size=args.batch_size, steps=args.steps,
-                                  threads=args.threads, warmup=args.warmup, precision=args.precision)
+                                  threads=args.threads, warmup=args.warmup, precision=args.precision,
+                                  device=args.device)
         print(f"{strategy}: {result['images_per_second']:.1f} images/s "
               f"({args.model}, batch {args.batch_size}, {args.threads} threads, {args.precision})", flush=True)
         results.append(result)
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def run_floor(model_name: str, strategy: str, *, batch_size: int, steps: int, threads: int, workdir: Path,
-              warmup: int = 2, precision: str = "fp32") -> dict:
+              warmup: int = 2, precision: str = "fp32", device: str = "cpu") -> dict:
     """`floor_throughput` in a process of its own (as the trainers run), with its peak RSS added."""
     from benchmarks.process import run_measured, thread_env
 
@@ -233,7 +239,7 @@ def run_floor(model_name: str, strategy: str, *, batch_size: int, steps: int, th
     out = workdir / f"floor-{strategy}.json"
     cmd = [sys.executable, "-m", "benchmarks.floor", "--model", model_name, "--strategies", strategy,
            "--batch-size", str(batch_size), "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads),
-           "--precision", precision, "--json", str(out)]
+           "--precision", precision, "--device", device, "--json", str(out)]
     run = run_measured(cmd, env=thread_env(threads), cwd=Path(__file__).resolve().parents[1])
     if run.returncode != 0:
         tail = "\n".join(run.stderr.splitlines()[-20:])

@@ -56,6 +56,7 @@ def run_open_clip_train(
     lock_image: bool = False,
     workdir: Path,
     lr: float = 1e-5,
+    device: str = "cpu",
 ) -> dict:
     """Train ``model`` from random weights with open_clip's trainer and report its speed.
 
@@ -73,6 +74,7 @@ def run_open_clip_train(
         steps: optimiser steps to run and time.
         precision: open_clip's ``--precision`` (``fp32``, ``amp_bf16``, ``bf16``, ...).
         threads: math threads (``OMP_NUM_THREADS``) the trainer may use.
+        device: open_clip's ``--device`` (``cpu`` or ``cuda``).
         workers: DataLoader worker processes (0 loads data in the training process).
         lock_image: freeze the whole image tower (open_clip's ``--lock-image``).
         workdir: folder for the CSV and the trainer's files; it must not hold an earlier run.
@@ -115,7 +117,7 @@ def run_open_clip_train(
         "--report-to", "",
         "--logs", "none",  # a real folder always gets epoch_<last>.pt, whatever --save-frequency says
         "--name", RUN_NAME,
-        "--device", "cpu",
+        "--device", device,
         "--seed", "0",
     ] + (["--lock-image"] if lock_image else [])
     env = {k: v for k, v in thread_env(threads).items() if k not in _DISTRIBUTED_ENV}

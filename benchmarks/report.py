@@ -50,9 +50,10 @@ def _target(name: str, goal: str, value: float, bound: float, percent: bool = Fa
 
 def _header(result: dict) -> list[str]:
     s = result["settings"]
+    where = result["machine"].get("gpu") or result["machine"]["processor"]
     return [f"Model **{s['model']}** (random weights), batch {s['batch_size']}, {s['steps']} steps per run "
             f"(first 2 not timed), {s['repeats']} run(s) per tool alternating, {s['threads']} threads, "
-            f"{s['workers']} loader worker(s), {s['precision']}, on {result['machine']['processor']} "
+            f"{s['workers']} loader worker(s), {s['precision']}, {s.get('device', 'cpu')}, on {where} "
             f"(torch {result['machine']['torch']}). Data: `{Path(result['data']).name}`.", "",
             f"Command: `{result['command']}`", ""]
 
@@ -94,9 +95,13 @@ def _other_tables(result: dict) -> list[str]:
 def render_markdown(result: dict, plot: str | None = None) -> str:
     """The suite's report: settings, tables, targets, and the plot if given."""
     lines = _header(result) + _training_tables(result) + _other_tables(result)
-    lines += ["", "| target | goal | measured | met |", "|---|---|---:|:---:|"]
-    lines += [f"| {t['target']} | {t['goal']} | {t['shown']} | {'yes' if t['met'] else '**no**'} |"
-              for t in result["targets"]]
+    if result["targets"]:
+        lines += ["", "| target | goal | measured | met |", "|---|---|---:|:---:|"]
+        lines += [f"| {t['target']} | {t['goal']} | {t['shown']} | {'yes' if t['met'] else '**no**'} |"
+                  for t in result["targets"]]
+    else:
+        lines += ["", "No target verdicts: runs this short are dominated by start-up noise, so their ratios "
+                  "and shares of the floor say nothing; run the full suite (`python -m benchmarks.run`) for them."]
     if plot:
         lines += ["", f"![throughput and memory per strategy]({plot})"]
     return "\n".join(lines)

@@ -40,7 +40,7 @@ PRECISIONS = {"fp32": ("no", "fp32"), "bf16": ("bf16", "amp_bf16")}
 
 
 def run_peftclip(model: str, csv_path: Path, strategy: str, *, batch_size: int, steps: int, threads: int,
-                 workers: int, workdir: Path, precision: str = "fp32", lr: float = 1e-5) -> dict:
+                 workers: int, workdir: Path, precision: str = "fp32", lr: float = 1e-5, device: str = "cpu") -> dict:
     """Run the retrieval recipe for `steps` steps of `strategy` and report its speed, memory and file.
 
     Evaluation is kept to 8 held-out images so that it adds little to the run; it is not
@@ -50,7 +50,7 @@ def run_peftclip(model: str, csv_path: Path, strategy: str, *, batch_size: int, 
     cmd = [sys.executable, str(REPO_ROOT / "recipes" / "lora_retrieval.py"), "--model-name", model,
            "--source", str(csv_path), "--output-dir", str(out), "--batch-size", str(batch_size),
            "--max-steps", str(steps), "--epochs", "1000", "--warmup-steps", "0", "--lr", str(lr),
-           "--num-workers", str(workers), "--max-val-images", "8", "--cpu",
+           "--num-workers", str(workers), "--max-val-images", "8", *(["--cpu"] if device == "cpu" else []),
            "--mixed-precision", PRECISIONS[precision][0], *STRATEGIES[strategy]]
     env = {**thread_env(threads), "PEFTCLIP_CACHE": str(Path(workdir) / "cache")}  # no feature cache reuse
     run = run_measured(cmd, env=env)
