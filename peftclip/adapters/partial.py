@@ -33,6 +33,9 @@ class PartialConfig(ConfigMixin):
         "help": "'vision' or 'text': that tower stays frozen; the other tower and both projections train."})
     projections: bool = field(default=False, metadata={"help": "Train visual.proj and text_projection."})
     logit_scale: bool = field(default=False, metadata={"help": "Train the logit scale."})
+    logit_bias: bool = field(default=False, metadata={
+        "help": "Train the logit bias (SigLIP-style models only; others are refused). "
+                "With logit_scale, both train, as SigLIP learns them."})
     last_blocks: int = field(default=0, metadata={"help": "Train the last N residual blocks of `block_towers`."})
     block_towers: list[str] = field(default_factory=lambda: ["vision", "text"],
                                     metadata={"help": "Towers whose last blocks train."})
@@ -54,10 +57,8 @@ class PartialConfig(ConfigMixin):
     @property
     def active(self) -> bool:
         """Whether this config unfreezes anything."""
-        return (self.full or self.freeze is not None or self.projections or self.logit_scale
+        return (self.full or self.freeze is not None or self.projections or self.logit_scale or self.logit_bias
                 or self.last_blocks > 0 or self.new_proj_dim is not None)
-
-
 
 
 def tower_of(name: str) -> str | None:
@@ -99,6 +100,9 @@ def _replace_projections(model: nn.Module, new_dim: int) -> None:
 
 def select_parameters(model: nn.Module, config: PartialConfig) -> list[str]:
     """Names of the base parameters `config` trains in the open_clip model `model` (LoRA weights aside)."""
+    if config.logit_bias and not isinstance(getattr(model, "logit_bias", None), nn.Parameter):
+        raise ValueError(f"logit_bias=True: {type(model).__name__} has no logit_bias (only SigLIP-style models, "
+                         f"trained with the sigmoid loss, have one); use logit_scale")
     prefixes = _block_prefixes(model, config) if config.last_blocks else []
     projections = [p for p in (projection_name(model, t) for t in TOWERS) if p is not None]
     chosen = []
@@ -111,6 +115,7 @@ def select_parameters(model: nn.Module, config: PartialConfig) -> list[str]:
                 or ((config.projections or config.freeze or config.new_proj_dim)
                     and any(name == p or name.startswith(p + ".") for p in projections))
                 or (config.logit_scale and name == "logit_scale")
+                or (config.logit_bias and name == "logit_bias")
                 or any(name.startswith(p) for p in prefixes)):
             chosen.append(name)
     if config.active and not chosen:
