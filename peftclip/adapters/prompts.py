@@ -4,6 +4,11 @@ Both attach to a frozen open_clip `CLIP` through forward hooks, so the base's ow
 forward code runs unchanged and the prompts compose with LoRA and partial tuning. The
 hooks call whichever prompt module the model holds at the time (or none), so prompts
 can be swapped or removed at run time (`set_text_prompt`, `set_visual_prompt`).
+
+Where the hooks go comes from the tower family registry (`peftclip.families`): text
+prompts write over the token embeddings of any text family (open_clip's text transformer,
+Hugging Face RoBERTa / T5 / M2M100 encoders); visual prompts need a plain ViT token
+sequence (open_clip's ViT, timm ViT / SigLIP / ViTamin / EVA).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from ..families import block_paths, family_of, tower_prefix
 from ..utils import ConfigMixin
 
 __all__ = ["TEXT_PROMPT_NAME", "VISUAL_PROMPT_NAME", "TextPrompt", "TextPromptConfig", "VisualPrompt",
@@ -22,7 +28,12 @@ __all__ = ["TEXT_PROMPT_NAME", "VISUAL_PROMPT_NAME", "TextPrompt", "TextPromptCo
 
 TEXT_PROMPT_NAME = "peftclip_text_prompt"
 VISUAL_PROMPT_NAME = "peftclip_visual_prompt"
-_PLACEHOLDER = "X"  # one BPE token; its embeddings are overwritten by the context vectors
+_PLACEHOLDER = "X"  # one token in every CLIP tokenizer; its embeddings are overwritten by the context vectors
+# Vision trunks whose blocks read one token sequence that prompts can extend: the tower's own
+# class for open_clip's ViT, the trunk's class for timm towers (not VisionTransformerRelPos, whose
+# relative position tables have a fixed sequence length).
+_VPT_TRUNKS = ("VisionTransformer", "Eva")
+_VPT_APPLIES = "visual prompts apply to ViT towers only (open_clip ViT, timm ViT / SigLIP / ViTamin / EVA)"
 
 
 @dataclass
@@ -44,15 +55,14 @@ class TextPromptConfig(ConfigMixin):
             raise ValueError(f"n_classes={self.n_classes}: must be at least 1")
 
 
-
-
 @dataclass
 class VisualPromptConfig(ConfigMixin):
     """VPT: learned tokens inserted after the class token, at the input (shallow) or every block (deep)."""
 
     section: ClassVar[str] = "visual_prompt"
 
-    n_tokens: int = field(default=4, metadata={"help": "Number of visual prompt tokens."})
+    n_tokens: int = field(default=4, metadata={
+        "help": "Number of visual prompt tokens, placed after the class/register tokens (first, if none)."})
     deep: bool = field(default=False, metadata={"help": "Fresh prompt tokens at every block (VPT-deep)."})
 
     def __post_init__(self) -> None:
@@ -60,14 +70,25 @@ class VisualPromptConfig(ConfigMixin):
             raise ValueError(f"n_tokens={self.n_tokens}: must be at least 1")
 
 
+def _tokenizer_layout(tokenizer: Callable) -> tuple[int, int]:
+    """(position of the first text token, pad id) of `tokenizer`, read off its own output.
+
+    Tokenizers differ: open_clip's puts a start token first, RoBERTa's `<s>`, T5's nothing.
+    One placeholder and two placeholders first differ right after the first placeholder.
+    """
+    one, two = tokenizer([_PLACEHOLDER, f"{_PLACEHOLDER} {_PLACEHOLDER}"])
+    differ = (one != two).nonzero()
+    if not len(differ):
+        raise ValueError(f"the tokenizer maps {_PLACEHOLDER!r} to nothing; text prompts need it as one token")
+    return int(differ[0]) - 1, int(one[-1])  # the last position of a one-word text is padding
 
 
 class TextPrompt(nn.Module):
-    """Context vectors written over the placeholder tokens after start-of-text.
+    """Context vectors written over the placeholder tokens after the start token (or first, without one).
 
-    Texts must be tokenized with `tokenize`, which puts `n_ctx` placeholders after the
-    start token; the end-of-text token stays the largest id, so open_clip's argmax
-    pooling still finds it.
+    Texts must be tokenized with `tokenize`, which puts `n_ctx` placeholders before the text.
+    The placeholders are real tokens, so the text tower's padding mask covers the context
+    and open_clip's end-of-text argmax pooling still finds the end token.
     """
 
     def __init__(self, config: TextPromptConfig, width: int, tokenizer: Callable,
@@ -77,12 +98,14 @@ class TextPrompt(nn.Module):
             raise ValueError("class_specific text prompts need n_classes")
         self.config = config
         self._tokenizer = tokenizer
+        self.start, pad = _tokenizer_layout(tokenizer)
         if config.ctx_init:
-            ids = tokenizer([config.ctx_init])[0]
-            n_words = int((ids != 0).sum()) - 2  # drop start and end tokens
+            ids, empty = tokenizer([config.ctx_init, ""])
+            n_words = int((ids != pad).sum() - (empty != pad).sum())  # the phrase's tokens, specials aside
             config.n_ctx = n_words
             with torch.no_grad():
-                init = token_embedding(ids[1:1 + n_words].to(token_embedding.weight.device)).float()
+                words = ids[self.start:self.start + n_words].to(token_embedding.weight.device)
+                init = token_embedding(words).float()
         else:
             init = torch.randn(config.n_ctx, width) * 0.02
         if config.class_specific:
@@ -90,12 +113,12 @@ class TextPrompt(nn.Module):
         self.ctx = nn.Parameter(init.clone())  # (n_ctx, width) or (n_classes, n_ctx, width)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids with `n_ctx` placeholders after the start token."""
+        """Token ids with `n_ctx` placeholders before each text."""
         prefix = " ".join([_PLACEHOLDER] * self.config.n_ctx)
         return self._tokenizer([f"{prefix} {text}" for text in texts])
 
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        n = self.config.n_ctx
+        start, n = self.start, self.config.n_ctx
         ctx = self.ctx.to(output.dtype)
         if self.config.class_specific:
             # Texts come class-major: every template of class 0, then of class 1, ...
@@ -106,31 +129,50 @@ class TextPrompt(nn.Module):
             ctx = ctx.repeat_interleave(per_class, dim=0)
         else:
             ctx = ctx.unsqueeze(0).expand(output.shape[0], -1, -1)
-        return torch.cat([output[:, :1], ctx, output[:, 1 + n:]], dim=1)
+        return torch.cat([output[:, :start], ctx, output[:, start + n:]], dim=1)
 
 
 class VisualPrompt(nn.Module):
-    """Prompt tokens placed right after the class token; replaced at every block when deep."""
+    """Prompt tokens placed after the `n_prefix` class/register tokens; replaced at every block when deep.
 
-    def __init__(self, config: VisualPromptConfig, width: int, n_blocks: int) -> None:
+    They are dropped again after the last block, as VPT discards the last layer's prompt
+    outputs, so every pooling (class token, average, attention pool) sees the tokens it
+    was built for.
+    """
+
+    def __init__(self, config: VisualPromptConfig, width: int, n_blocks: int, n_prefix: int = 1) -> None:
         super().__init__()
         self.config = config
+        self.n_prefix = n_prefix
         depth = n_blocks if config.deep else 1
         self.prompts = nn.Parameter(torch.randn(depth, config.n_tokens, width) * 0.02)
 
-    def insert(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """After `ln_pre`: (B, 1 + P, D) -> (B, 1 + n + P, D)."""
-        prompts = self.prompts[0].to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
-        return torch.cat([output[:, :1], prompts, output[:, 1:]], dim=1)
-
-    def replace(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Pre-hook of block `index`: write that block's prompts over the prompt positions (deep only)."""
-        if not self.config.deep:
-            return None
-        x = args[0]
-        n = self.config.n_tokens
+    def _with_prompts(self, x: torch.Tensor, index: int, replace: bool) -> torch.Tensor:
+        p, n = self.n_prefix, self.config.n_tokens
         prompts = self.prompts[index].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return (torch.cat([x[:, :1], prompts, x[:, 1 + n:]], dim=1), *args[1:]), kwargs
+        return torch.cat([x[:, :p], prompts, x[:, p + n if replace else p:]], dim=1)
+
+    def insert(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """After the embedding (`ln_pre` / `norm_pre`): (B, p + P, D) -> (B, p + n + P, D)."""
+        return self._with_prompts(output, 0, replace=False)
+
+    def before_block(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Pre-hook of block `index`: that block's prompts (deep, after block 0); rotary embeddings padded."""
+        x = args[0]
+        if self.config.deep and index:
+            x = self._with_prompts(x, index, replace=True)
+        rope = kwargs.get("rope")
+        if rope is not None:  # EVA: the prompts sit among the rotated tokens; they get the identity rotation
+            half = rope.shape[-1] // 2  # sin and cos, concatenated
+            shape = (*rope.shape[:-2], self.config.n_tokens, half)
+            identity = torch.cat([rope.new_zeros(shape), rope.new_ones(shape)], dim=-1)
+            kwargs = {**kwargs, "rope": torch.cat([identity, rope], dim=-2)}
+        return (x, *args[1:]), kwargs
+
+    def drop(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """After the last block: (B, p + n + P, D) -> (B, p + P, D)."""
+        p = self.n_prefix
+        return torch.cat([output[:, :p], output[:, p + self.config.n_tokens:]], dim=1)
 
 
 class _Dispatch:
@@ -153,18 +195,27 @@ def _hooked(module: nn.Module, attr: str, pre: bool = False) -> bool:
     return any(isinstance(h, _Dispatch) and h.attr == attr for h in hooks.values())
 
 
+def _token_embedding(model: nn.Module) -> nn.Embedding:
+    """The text tower's token embedding, found through its family."""
+    family = family_of(model, "text")
+    if family.class_token is None:
+        raise ValueError(f"the {family.name} text tower has no token embedding peftclip knows; text prompts "
+                         f"cannot apply (LoRA and partial strategies can)")
+    return model.get_submodule(tower_prefix(model, "text") + family.class_token)
+
+
 def create_text_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: Callable) -> TextPrompt:
     """Context vectors for `model`'s text tower, on its device, not yet attached."""
-    if not hasattr(model, "token_embedding"):
-        raise ValueError(f"{type(model).__name__} has no token_embedding; text prompts need open_clip's CLIP")
-    prompt = TextPrompt(config, model.token_embedding.embedding_dim, tokenizer, model.token_embedding)
-    return prompt.to(model.token_embedding.weight.device)
+    embedding = _token_embedding(model)
+    prompt = TextPrompt(config, embedding.embedding_dim, tokenizer, embedding)
+    return prompt.to(embedding.weight.device)
 
 
 def set_text_prompt(model: nn.Module, prompt: TextPrompt | None) -> None:
     """Make `prompt` the text context of `model` (None: plain text tower); hooks are installed once."""
-    if not _hooked(model.token_embedding, TEXT_PROMPT_NAME):
-        model.token_embedding.register_forward_hook(_Dispatch(model, TEXT_PROMPT_NAME, "hook"))
+    embedding = _token_embedding(model)
+    if not _hooked(embedding, TEXT_PROMPT_NAME):
+        embedding.register_forward_hook(_Dispatch(model, TEXT_PROMPT_NAME, "hook"))
     model.register_module(TEXT_PROMPT_NAME, prompt)
 
 
@@ -175,26 +226,38 @@ def attach_text_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: Ca
     return prompt
 
 
+def _vision_layout(model: nn.Module) -> tuple[nn.Module, int, int]:
+    """(module whose output is the token sequence, its width, its number of class/register tokens)."""
+    family = family_of(model, "vision")
+    visual = model.visual
+    trunk = getattr(visual, "trunk", visual)
+    if type(trunk).__name__ not in _VPT_TRUNKS or family.name not in ("vit", "timm-vit"):
+        raise ValueError(f"the {family.name} vision tower ({type(trunk).__name__}) takes no visual prompts: "
+                         f"{_VPT_APPLIES}; LoRA and partial strategies apply to it")
+    if trunk is visual:  # open_clip's own ViT: one class token
+        if not getattr(visual.transformer, "batch_first", True):
+            raise ValueError("visual prompts need a batch-first vision transformer")
+        return visual.ln_pre, visual.transformer.width, 1
+    return trunk.norm_pre, trunk.embed_dim, trunk.num_prefix_tokens
+
+
 def create_visual_prompt(model: nn.Module, config: VisualPromptConfig) -> VisualPrompt:
     """Prompt tokens for `model`'s vision transformer, on its device, not yet attached."""
-    visual = model.visual
-    if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "attn_pool", None) is not None:
-        raise ValueError("visual prompts need class-token pooling (pool_type='tok')")
-    if not visual.transformer.batch_first:
-        raise ValueError("visual prompts need a batch-first vision transformer")
-    prompt = VisualPrompt(config, visual.transformer.width, len(visual.transformer.resblocks))
-    return prompt.to(visual.conv1.weight.device)
+    embed, width, n_prefix = _vision_layout(model)
+    prompt = VisualPrompt(config, width, len(block_paths(model, "vision")), n_prefix)
+    return prompt.to(next(model.visual.parameters()).device)
 
 
 def set_visual_prompt(model: nn.Module, prompt: VisualPrompt | None) -> None:
     """Make `prompt` the visual prompt of `model` (None: plain vision tower); hooks are installed once."""
-    visual = model.visual
-    if not _hooked(visual.ln_pre, VISUAL_PROMPT_NAME):
-        visual.ln_pre.register_forward_hook(_Dispatch(model, VISUAL_PROMPT_NAME, "insert"))
-        for index, block in enumerate(visual.transformer.resblocks):
-            if index:  # block 0 sees the prompts `insert` placed
-                block.register_forward_pre_hook(_Dispatch(model, VISUAL_PROMPT_NAME, "replace", index),
-                                                with_kwargs=True)
+    embed, _, _ = _vision_layout(model)
+    if not _hooked(embed, VISUAL_PROMPT_NAME):
+        embed.register_forward_hook(_Dispatch(model, VISUAL_PROMPT_NAME, "insert"))
+        blocks = [model.get_submodule(path) for path in block_paths(model, "vision")]
+        for index, block in enumerate(blocks):
+            block.register_forward_pre_hook(_Dispatch(model, VISUAL_PROMPT_NAME, "before_block", index),
+                                            with_kwargs=True)
+        blocks[-1].register_forward_hook(_Dispatch(model, VISUAL_PROMPT_NAME, "drop"))
     model.register_module(VISUAL_PROMPT_NAME, prompt)
 
 
