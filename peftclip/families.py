@@ -203,3 +203,60 @@ def final_norm_names(model: nn.Module, tower: str) -> list[str]:
     family = family_of(model, tower)
     prefix = tower_prefix(model, tower)
     return _existing(model, [prefix + p for p in family.final_norms])
+
+
+# Config-name fragments -> family, for counting open_clip's models without building them.
+_TIMM_NAMES = (("convnext", "timm-convnext"), ("fastvit", "timm-fastvit"), ("swin", "timm-swin"))
+_HF_NAMES = (("roberta", "hf-roberta"), ("t5", "hf-t5"), ("nllb", "hf-m2m100"), ("m2m", "hf-m2m100"))
+_PARAMETER_PROJECTIONS = ("vit", "text")  # projections that are bare matrices, which new_proj_dim can resize
+_NOTES = {("timm-vit", "visual prompt"): "✓ (not `vit_relpos_*`)",  # fixed-length relative position tables
+          ("hf-t5", "text prompt"): "✓ (no tiny test)", ("hf-m2m100", "text prompt"): "✓ (no tiny test)"}
+
+
+def _config_family(config: dict, tower: str) -> str | None:
+    """The family an open_clip model config's `tower` belongs to, read from the config alone."""
+    if tower == "vision":
+        vision = config.get("vision_cfg", {})
+        timm_name = vision.get("timm_model_name")
+        if timm_name:
+            return next((family for key, family in _TIMM_NAMES if key in timm_name), "timm-vit")
+        return "resnet" if isinstance(vision.get("layers"), (list, tuple)) else "vit"
+    hf_name = config.get("text_cfg", {}).get("hf_model_name")
+    return next((family for key, family in _HF_NAMES if key in hf_name), None) if hf_name else "text"
+
+
+def support_table() -> str:
+    """The README's family × strategy table, in Markdown, generated from `FAMILIES` and open_clip's model list.
+
+    Cells: ✓ applies, — refused with an error naming the family. The model-level strategies
+    (full, logit scale and bias, head) apply whatever the towers are.
+
+    >>> support_table().splitlines()[0].startswith("| Family ")
+    True
+    """
+    import open_clip
+
+    names: dict[str, list[str]] = {family.name: [] for family in FAMILIES}
+    for name in open_clip.list_models():
+        if name.startswith("peftclip-"):
+            continue
+        config = open_clip.get_model_config(name) or {}
+        for tower in TOWERS:
+            family = _config_family(config, tower)
+            if family in names:
+                names[family].append(name)
+    rows = ["| Family | Tower | open_clip models | LoRA targets | freeze tower | projections | last blocks "
+            "| new_proj_dim | text prompt | visual prompt |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for family in FAMILIES:
+        covered = names[family.name]
+        examples = ", ".join(f"`{n}`" for n in sorted(covered)[:2]) + (", …" if len(covered) > 2 else "")
+        prompt = family.class_token is not None
+        cells = [f"`{family.name}`", family.tower, f"{len(covered)}: {examples}" if covered else "0",
+                 ", ".join(f"`{t}`" for t in family.target_names), "✓", "✓" if family.projections else "—",
+                 f"✓ ({family.blocks_meaning}{'; + final norms' if family.final_norms else ''})",
+                 "✓" if family.name in _PARAMETER_PROJECTIONS else "—",
+                 _NOTES.get((family.name, "text prompt"), "✓") if prompt and family.tower == "text" else "—",
+                 _NOTES.get((family.name, "visual prompt"), "✓") if prompt and family.tower == "vision" else "—"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
