@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters.attention import SPLIT_MODULES, convert_attention
-from .adapters.heads import CLASSIFIER_NAME, DEFAULT_TEMPLATES, classifier, create_head
+from .adapters.heads import CLASSIFIER_NAME, DEFAULT_TEMPLATES, classifier, create_head, image_embed_dim
 from .adapters.lora import to_peft_config
 from .adapters.partial import select_parameters
 from .adapters.prompts import (
@@ -184,7 +184,7 @@ class AdaptedCLIP:
         if spec.visual_prompt is not None:
             record.modules[VISUAL_PROMPT_NAME] = create_visual_prompt(inner, spec.visual_prompt)
         if spec.head is not None:
-            zeros = torch.zeros(spec.head.n_classes, inner.visual.output_dim)
+            zeros = torch.zeros(spec.head.n_classes, image_embed_dim(inner))
             record.modules[CLASSIFIER_NAME] = create_head(inner, spec.head, zeros)
         tensors = record.saved.other_tensors
         for attr, module in record.modules.items():

@@ -452,12 +452,13 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
     import peft
     import torch
 
+    from .adapters.heads import image_embed_dim
     from .adapters.strategy import apply_strategy
 
     saved = read_adapter(adapter_dir, base.info)
     spec = saved.spec
     try:
-        head_weights = torch.zeros(spec.head.n_classes, base.model.visual.output_dim) if spec.head else None
+        head_weights = torch.zeros(spec.head.n_classes, image_embed_dim(base.model)) if spec.head else None
         model, _ = apply_strategy(base.model, spec, base.tokenizer, adapter_name, head_weights=head_weights)
         if spec.lora is not None:
             check_lora_keys(saved, set(peft.get_peft_model_state_dict(model, adapter_name=adapter_name)))

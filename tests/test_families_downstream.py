@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import huggingface_hub
 import open_clip
 import pytest
 import torch
 
+from peftclip import io
 from peftclip.adapters.lora import LoraConfig, apply_lora
 from peftclip.adapters.partial import PartialConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
@@ -166,3 +170,36 @@ def test_a_trainable_module_projection_keeps_its_tower_live():
     model, _ = apply_strategy(base.model, AdapterSpec(partial=PartialConfig(projections=True)), base.tokenizer)
     assert isinstance(model.get_submodule(projection_name(model, "text")), torch.nn.Linear)  # not a matrix
     assert tower_modes(model) == {"vision": "full", "text": "live"}  # SigLIP's vision tower has no projection
+
+
+RECIPE_CASES = {"siglip_retrieval": ("lora_retrieval", SIGLIP), "convnext_retrieval": ("lora_retrieval",
+                "peftclip-tiny-convnext"), "resnet_retrieval": ("lora_retrieval", "peftclip-tiny-resnet"),
+                "eva_classify": ("classify", "peftclip-tiny-eva")}
+# Training in train mode moves the frozen ResNet trunk's BatchNorm running statistics, which no adapter
+# holds, so the reloaded ResNet adapter differs: the training loop (peftclip/train.py) must keep frozen
+# BatchNorm layers in eval mode. Strict: this fails loudly once that is fixed.
+_BN_DRIFT = pytest.mark.xfail(strict=True, reason="frozen BatchNorm statistics move during training (train.py)")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=_BN_DRIFT) if "resnet" in c else c for c in RECIPE_CASES])
+def test_recipes_train_every_family_with_default_flags_and_the_adapter_reloads(case, tmp_path, monkeypatch):
+    recipe_name, name = RECIPE_CASES[case]
+    recipe = importlib.import_module(f"peftclip.recipes.{recipe_name}")
+    monkeypatch.setenv("PEFTCLIP_CACHE", str(tmp_path / "cache"))
+    tokenizer, saved = open_clip.get_tokenizer(name), {}
+
+    def recording_save(model, output_dir, *args, **kwargs):
+        was_training = model.training
+        saved[Path(output_dir)] = _outputs(model, tokenizer)
+        model.train(was_training)
+        return io.save_adapter(model, output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "save_adapter", recording_save)
+    shapes = make_shapes_dataset(tmp_path / "shapes", n_images=32)
+    source = shapes / "labels.csv" if recipe_name == "classify" else shapes
+    out = tmp_path / "out"
+    metrics = recipe.main(["--source", str(source), "--output-dir", str(out), "--max-steps", "2", "--batch-size",
+                           "8", "--num-workers", "0", "--cpu", "--model-name", name])
+    assert metrics["steps"] == 2
+    base = load_base(BaseConfig(model_name=name))
+    assert _close(_outputs(load_adapter(base, out), base.tokenizer), saved[out])

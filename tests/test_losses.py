@@ -201,9 +201,8 @@ def test_the_retrieval_recipe_trains_a_siglip_model_with_the_sigmoid_loss(tmp_pa
 
     monkeypatch.setattr("peftclip.losses.SigLipLoss", RecordingSigLipLoss)
     source = make_shapes_dataset(tmp_path / "shapes", n_images=40)
-    # LoRA on the text tower only and no feature cache: LoRA on timm trunks and caching a
-    # CustomTextCLIP's towers are the architecture registry's to add.
+    # Default flags: LoRA on both towers (the timm trunk included), the feature cache on.
     metrics = lora_retrieval.main(["--source", str(source), "--output-dir", str(tmp_path / "out"), "--max-steps", "2",
                                    "--batch-size", "16", "--num-workers", "0", "--cpu", "--model-name",
-                                   "peftclip-tiny-siglip", "--towers", "text", "--no-feature-cache"])
+                                   "peftclip-tiny-siglip"])
     assert metrics["steps"] == 2 and calls == [1, 1]

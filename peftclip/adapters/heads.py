@@ -13,7 +13,7 @@ from torch import nn
 from ..utils import ConfigMixin, inner_model
 
 __all__ = ["CLASSIFIER_NAME", "ClipClassifier", "HeadConfig", "attach_head", "classifier", "create_head",
-           "zero_shot_weights"]
+           "image_embed_dim", "zero_shot_weights"]
 
 CLASSIFIER_NAME = "peftclip_head"
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a drawing of a {}.")
@@ -87,11 +87,24 @@ class _ClassifierForward(nn.Module):
         return self._head[0](self.model(images, None)[0])
 
 
+def image_embed_dim(inner: nn.Module) -> int:
+    """Width of `inner`'s image embeddings: the tower's `output_dim`, else (timm towers) that of a blank image's."""
+    visual = inner.visual
+    if hasattr(visual, "output_dim"):
+        return visual.output_dim
+    param, was_training = next(inner.parameters()), visual.training
+    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    with torch.no_grad():
+        width = visual.eval()(torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)).shape[-1]
+    visual.train(was_training)
+    return width
+
+
 def create_head(inner: nn.Module, config: HeadConfig, weights: torch.Tensor | None = None) -> ClipClassifier:
     """A head for the open_clip model `inner`, on its device, not yet attached; `weights` start it."""
     if config.init == "zeroshot" and weights is None:
         raise ValueError("init='zeroshot' needs the zero-shot weights (see zero_shot_weights)")
-    embed_dim = inner.visual.output_dim
+    embed_dim = image_embed_dim(inner)
     if weights is None:
         weights = torch.randn(config.n_classes, embed_dim) * embed_dim ** -0.5
     if tuple(weights.shape) != (config.n_classes, embed_dim):
