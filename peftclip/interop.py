@@ -23,6 +23,7 @@ from torch import nn
 from .adapters.attention import convert_attention
 from .adapters.lora import TARGETS, TOWERS, LoraConfig, lora_target_names, tower_blocks_path
 from .adapters.strategy import AdapterSpec, apply_strategy
+from .families import family_of, tower_prefix
 from .io import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, AdapterError, save_adapter
 from .models import BaseModel
 
@@ -33,6 +34,7 @@ _PREFIX = "base_model.model."
 # in_proj (B has 3·D rows: q, k, v) and out_proj's own LoRA inside the wrapped module.
 _MHA_KEYS = {"in_A": "{}.lora_A.weight", "in_B": "{}.lora_B.weight",
              "out_A": "{}.base_layer.out_proj.lora_A.weight", "out_B": "{}.base_layer.out_proj.lora_B.weight"}
+_NATIVE_FAMILIES = ("vit", "text")  # the tower families an imported PEFT adapter may adapt
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -119,16 +121,21 @@ def _split_mha_lora(tensors: dict[str, torch.Tensor], peft_dir: Path) -> dict[st
 def _lora_config(model: nn.Module, names: set[str], peft_config: peft.LoraConfig, rank: int,
                  peft_dir: Path) -> LoraConfig:
     """The peftclip LoraConfig (towers × blocks × target_modules) adapting exactly `names` in split `model`."""
-    towers = {}
+    towers, foreign = {}, {}
     for tower in TOWERS:
-        try:
+        family = family_of(model, tower)
+        if family.name in _NATIVE_FAMILIES:
             towers[tower_blocks_path(model, tower)] = tower
-        except ValueError:
-            continue
+        elif tower_prefix(model, tower):
+            foreign[tower_prefix(model, tower)] = f"{family.name} {tower}"
     targets = {path: short for short, path in TARGETS.items()}
     found: dict[str, set[int]] = {}
     chosen: set[str] = set()
     for name in names:
+        if name.startswith(tuple(foreign)):
+            tower = foreign[next(p for p in foreign if name.startswith(p))]
+            raise AdapterError(f"{peft_dir}: LoRA on {name}, in the {tower} tower; importing plain PEFT adapters "
+                               f"works on open_clip's native ViT and text towers only")
         match = re.fullmatch(r"(?P<prefix>.+)\.(?P<index>\d+)\.(?P<target>[^.]+\.[^.]+)", name)
         if match is None or match["prefix"] not in towers or match["target"] not in targets:
             raise AdapterError(f"{peft_dir}: LoRA on {name}, which is not a transformer block projection peftclip "
@@ -155,6 +162,8 @@ def import_peft_adapter(peft_dir: str | os.PathLike, base: BaseModel, output_dir
     (`apply_lora(...).save_pretrained(dir)`). The metadata names `base`, which is modified in
     place (split and wrapped) like `load_adapter` does. The LoRA layers must form one peftclip
     `LoraConfig`: the same projections in the same blocks of each adapted tower, one rank.
+    Only open_clip's native ViT and text towers are accepted; LoRA in another family's tower
+    (timm, ResNet, Hugging Face text) is refused with a message naming the layer.
 
     Args:
         peft_dir: folder with PEFT's `adapter_config.json` and `adapter_model.safetensors`.

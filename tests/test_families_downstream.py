@@ -7,6 +7,7 @@ from pathlib import Path
 
 import huggingface_hub
 import open_clip
+import peft
 import pytest
 import torch
 
@@ -18,7 +19,8 @@ from peftclip.cache import FeatureCache, cache_frozen_towers, tower_modes
 from peftclip.data import DataConfig, TrainPairs, load_pairs
 from peftclip.families import projection_name
 from peftclip.inference import AdaptedCLIP
-from peftclip.io import load_adapter, save_adapter
+from peftclip.interop import import_peft_adapter
+from peftclip.io import AdapterError, load_adapter, save_adapter
 from peftclip.models import BaseConfig, load_base
 from peftclip.synthetic import make_shapes_dataset
 from peftclip.train import TrainConfig, create_accelerator, train
@@ -175,13 +177,8 @@ def test_a_trainable_module_projection_keeps_its_tower_live():
 RECIPE_CASES = {"siglip_retrieval": ("lora_retrieval", SIGLIP), "convnext_retrieval": ("lora_retrieval",
                 "peftclip-tiny-convnext"), "resnet_retrieval": ("lora_retrieval", "peftclip-tiny-resnet"),
                 "eva_classify": ("classify", "peftclip-tiny-eva")}
-# Training in train mode moves the frozen ResNet trunk's BatchNorm running statistics, which no adapter
-# holds, so the reloaded ResNet adapter differs: the training loop (peftclip/train.py) must keep frozen
-# BatchNorm layers in eval mode. Strict: this fails loudly once that is fixed.
-_BN_DRIFT = pytest.mark.xfail(strict=True, reason="frozen BatchNorm statistics move during training (train.py)")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=_BN_DRIFT) if "resnet" in c else c for c in RECIPE_CASES])
+# The ResNet case also checks that training keeps frozen BatchNorm statistics (which no adapter holds) still.
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
 def test_recipes_train_every_family_with_default_flags_and_the_adapter_reloads(case, tmp_path, monkeypatch):
     recipe_name, name = RECIPE_CASES[case]
     recipe = importlib.import_module(f"peftclip.recipes.{recipe_name}")
@@ -203,3 +200,12 @@ def test_recipes_train_every_family_with_default_flags_and_the_adapter_reloads(c
     assert metrics["steps"] == 2
     base = load_base(BaseConfig(model_name=name))
     assert _close(_outputs(load_adapter(base, out), base.tokenizer), saved[out])
+
+
+def test_importing_a_plain_peft_adapter_on_a_non_native_tower_is_refused_by_name(tmp_path):
+    base = load_base(BaseConfig(model_name="peftclip-tiny-convnext"))
+    layer = "visual.trunk.stages.0.blocks.0.mlp.fc1"
+    plain = open_clip.create_model("peftclip-tiny-convnext")
+    peft.get_peft_model(plain, peft.LoraConfig(r=2, target_modules=[layer])).save_pretrained(tmp_path / "peft")
+    with pytest.raises(AdapterError, match=rf"{layer}, in the timm-convnext vision tower; .* native ViT and text"):
+        import_peft_adapter(tmp_path / "peft", base, tmp_path / "imported")
