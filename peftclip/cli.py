@@ -10,7 +10,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,11 +61,6 @@ def _load(args: argparse.Namespace) -> tuple[AdaptedCLIP, dict[str, Any] | None]
     return clip, metadata
 
 
-def _natural_key(name: str) -> list[Any]:
-    """Sort key that orders numbers inside names by value: R@1, R@5, R@10 (metrics.json stores keys sorted)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def cmd_info(args: argparse.Namespace) -> None:
     """Show an adapter's base, strategy, size and metrics.
 
@@ -74,6 +68,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     """
     from .hub import resolve_adapter
     from .io import METRICS_NAME, SAFETENSORS_WEIGHTS_NAME, read_metadata
+    from .tracking import format_history, natural_key
     from .utils import human_size
 
     folder = resolve_adapter(args.adapter, args.revision)
@@ -89,8 +84,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         before, after = metrics.get("before", {}), metrics.get("after", {})
-        for key in sorted(after, key=_natural_key):
+        for key in sorted(after, key=natural_key):
             print(f"metric:     {key}: {before.get(key, float('nan')):.2f} -> {after[key]:.2f}")
+        if metrics.get("best"):
+            best = metrics["best"]
+            print(f"best:       {best['metric']} {best['value']:.2f} at step {best['step']} ({best['path']})")
+        if metrics.get("history"):
+            print(f"history:\n{format_history(metrics['history'])}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """A table of several adapters side by side (and a bar chart with --plot), reading JSON only."""
+    from .hub import resolve_adapter
+    from .tracking import compare_adapters, format_comparison, plot_comparison, save_figure
+
+    rows = compare_adapters([resolve_adapter(adapter, None) for adapter in args.adapters])
+    print(format_comparison(rows))
+    if args.plot:
+        print(f"plot written to {save_figure(plot_comparison(rows), args.plot)}")
 
 
 def _resolve_recorded_source(metadata: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -276,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show an adapter's base, strategy, size and metrics")
     info.add_argument("adapter", help="adapter folder or Hub repo id (namespace/name)")
     info.add_argument("--revision", help="Hub revision of a repo id")
+    compare = sub.add_parser("compare", help="put several adapters' metrics, bases, strategies and sizes side by side")
+    compare.add_argument("adapters", nargs="+", help="adapter folders or Hub repo ids")
+    compare.add_argument("--plot", help="also write a bar chart of their metrics to this PNG file")
     _eval_arguments(sub.add_parser("eval", help="retrieval or classification metrics of the base and base + adapter"))
     embed = sub.add_parser("embed", help="embed a folder of images and/or a file of texts into a safetensors file")
     _model_arguments(embed)
@@ -308,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "embed": cmd_embed, "search": cmd_search,
-            "merge": cmd_merge, "push": cmd_push, "import-peft": cmd_import_peft}
+COMMANDS = {"train": cmd_train, "info": cmd_info, "compare": cmd_compare, "eval": cmd_eval, "embed": cmd_embed,
+            "search": cmd_search, "merge": cmd_merge, "push": cmd_push, "import-peft": cmd_import_peft}
 
 
 def main(argv: list[str] | None = None) -> int:

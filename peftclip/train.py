@@ -28,6 +28,7 @@ from .data import source_fingerprint
 from .evaluate import retrieval_recall
 from .io import SAVE_DTYPES
 from .losses import LossFn, clamp_logit_scale, contrastive_step
+from .tracking import REPORT_TO, TrainingMonitor, check_report_to, resolve_trackers, tracking_dir
 from .utils import ConfigMixin, canonical_name, stable_seed
 
 __all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "TrainingInterrupted", "create_accelerator",
@@ -39,7 +40,8 @@ __all__ = ["PARAM_GROUPS", "TrainConfig", "TrainResult", "TrainingError", "Train
 # (`epochs` and `max_steps` may grow: the schedule then stretches to the new end).
 _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size", "checkpoint_every_steps",
                        "checkpoint_every_minutes", "keep_checkpoints", "grad_checkpointing", "feature_cache",
-                       "save_dtype", "release_memory", "overwrite", "epochs", "max_steps"}
+                       "save_dtype", "release_memory", "overwrite", "epochs", "max_steps", "report_to",
+                       "eval_every_steps", "eval_every_epochs", "save_best", "early_stopping_patience"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PARAM_GROUPS = ("lora", "prompts", "head", "projections", "blocks")
@@ -88,6 +90,19 @@ class TrainConfig(ConfigMixin):
         "help": "Replace an adapter folder already at output_dir (a folder peftclip did not write is never replaced)."})
     skip_nonfinite: bool = field(default=False, metadata={
         "help": "Skip (and count) steps whose loss or gradient is not finite, instead of stopping."})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={
+        "help": f"Trackers to log to through Accelerate: none, all (every installed one) or some of "
+                f"{', '.join(REPORT_TO)}; logs go to <output_dir>-logs."})
+    eval_every_steps: int | None = field(default=None, metadata={
+        "help": "Evaluate on the held-out set every N optimiser steps (kept as metrics.json's history)."})
+    eval_every_epochs: int | None = field(default=None, metadata={
+        "help": "Evaluate on the held-out set every N epochs."})
+    save_best: str | None = field(default=None, metadata={
+        "help": "Keep the adapter of the evaluation with the highest value of this metric (e.g. top1, "
+                "text_to_image_R@1) in <output_dir>-best."})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop after N evaluations without improvement of the --save-best metric."})
+
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "keep_checkpoints"):
@@ -102,7 +117,8 @@ class TrainConfig(ConfigMixin):
         for name in ("weight_decay", "warmup_steps", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must not be negative")
-        for name in ("checkpoint_every_steps", "checkpoint_every_minutes"):
+        for name in ("checkpoint_every_steps", "checkpoint_every_minutes", "eval_every_steps", "eval_every_epochs",
+                     "early_stopping_patience"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be positive")
         for name in ("group_lr", "group_weight_decay"):
@@ -115,6 +131,12 @@ class TrainConfig(ConfigMixin):
             raise ValueError(f"save_dtype={self.save_dtype!r}; choose from {sorted(SAVE_DTYPES)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r}; choose from {MIXED_PRECISION}")
+        self.report_to = [name for names in self.report_to for name in names.split(",") if name]
+        check_report_to(self.report_to)
+        if self.early_stopping_patience is not None and (
+                self.save_best is None or not (self.eval_every_steps or self.eval_every_epochs)):
+            raise ValueError(f"early_stopping_patience={self.early_stopping_patience} needs --save-best METRIC (what "
+                             f"to watch) and --eval-every-steps or --eval-every-epochs")
 
 
 
@@ -144,8 +166,12 @@ def create_accelerator(config: TrainConfig, find_unused_parameters: bool = False
 
     `find_unused_parameters` is for objectives that leave trainable parameters without a
     gradient (e.g. a head trained while the text tower holds LoRA): DDP must then be told.
+    The trackers of `config.report_to` are Accelerate's `log_with`; one whose package is missing is refused.
     """
+    trackers = resolve_trackers(config.report_to)
     accelerator = Accelerator(
+        log_with=trackers or None,
+        project_dir=str(tracking_dir(config.output_dir)) if trackers else None,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
         cpu=config.cpu,
@@ -330,6 +356,7 @@ class _Loop:
     progress: Any
     stop: _StopSignals
     last_step_end: float = 0.0
+    monitor: TrainingMonitor | None = None
 
 
 def _set_grad_checkpointing(model: nn.Module) -> None:
@@ -359,13 +386,15 @@ def release_freed_memory() -> None:
 
 
 def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: Accelerator,
-          compute_loss: LossFn = contrastive_step, fingerprint: dict[str, Any] | None = None) -> TrainResult:
+          compute_loss: LossFn = contrastive_step, fingerprint: dict[str, Any] | None = None,
+          monitor: TrainingMonitor | None = None) -> TrainResult:
     """Train `model`'s trainable parameters on `dataset` with `compute_loss(model, batch)`.
 
     The default objective is the symmetric contrastive loss on (image, tokens) batches. If
     `dataset` has `set_epoch`, it is called each epoch so caption sampling changes.
     Checkpoints and resume follow `config`; `fingerprint` (the settings that change the
-    result) must match for a resume to be accepted.
+    result) must match for a resume to be accepted. `monitor` logs each step, evaluates on its
+    schedule and may stop the run early (see `tracking.TrainingMonitor`).
 
     >>> result = train(model, TrainPairs(...), TrainConfig(max_steps=10), create_accelerator(...))  # doctest: +SKIP
     """
@@ -395,9 +424,10 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
                         disable=not accelerator.is_local_main_process)
         with _StopSignals() as stop, progress:  # the bar is closed before any error message is printed
             loop = _Loop(model, loader, optimizer, scheduler, compute_loss, generator, total_steps, config,
-                         accelerator, checkpointer, result, progress, stop, last_step_end=time.perf_counter())
+                         accelerator, checkpointer, result, progress, stop, last_step_end=time.perf_counter(),
+                         monitor=monitor)
             for epoch in range(position["epoch"], config.epochs):
-                if len(result.losses) >= total_steps:
+                if len(result.losses) >= loop.total_steps:  # early stopping may have moved the end
                     break
                 _train_epoch(loop, epoch, skip=position["batch"] if epoch == position["epoch"] else 0)
     except RuntimeError as e:
@@ -473,6 +503,9 @@ def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
         loop.progress.update(1)
         loop.progress.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch)
         step = len(result.losses)
+        if loop.monitor is not None and loop.monitor.on_step(loop.model, loop.optimizer, step, epoch, mean_loss,
+                                                             float(grad_norm), result.step_seconds[-1]):
+            loop.total_steps = step  # early stopping: this step is the run's last
         # Every process must agree on saving and stopping, or they would deadlock in save_state.
         by_time, stop = _agree(accelerator, checkpointer.time_due(), loop.stop.signum is not None)
         end = step >= loop.total_steps or stop
@@ -484,6 +517,8 @@ def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
                                       str(checkpointer.last_saved) if checkpointer.last_saved else None)
         if step >= loop.total_steps:
             return
+    if loop.monitor is not None and loop.monitor.on_epoch_end(epoch, len(result.losses)):
+        loop.total_steps = len(result.losses)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from peftclip.adapters.lora import LoraConfig, apply_lora
-from peftclip.cli import main
+from peftclip.cli import COMMANDS, main
 from peftclip.config import parse_config
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import SAFETENSORS_WEIGHTS_NAME, save_adapter, save_metrics
@@ -123,7 +123,7 @@ def test_random_base_loads_without_the_expected_warning_and_keeps_others(caplog)
 
 def test_console_script_is_installed():
     done = subprocess.run([Path(sys.executable).with_name("peftclip"), "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and "{train,info,eval,embed,search,merge,push,import-peft}" in done.stdout
+    assert done.returncode == 0 and "{" + ",".join(COMMANDS) + "}" in done.stdout and "compare" in COMMANDS
 
 
 def test_info_shows_base_strategy_size_and_metrics(adapter, capsys):

@@ -43,6 +43,7 @@ from peftclip.losses import contrastive_step, cross_entropy_step
 from peftclip.models import BaseConfig, load_base
 from peftclip.recipe import recipe_parser, run_recipe
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
+from peftclip.tracking import TrainingMonitor, save_curves
 from peftclip.train import (
     TrainConfig,
     embed_dataset,
@@ -159,25 +160,38 @@ def training_function(config: dict, accelerator) -> dict:
         if train_model is not model:
             accelerator.print(f"feature cache: {train_model.modes}")
     train_module, compute_loss = _objective(config, train_model, tokenize, names)
-    result = train(train_module, train_set, config["train"], accelerator, compute_loss,
-                   fingerprint=result_fingerprint(config, base.info))
-    model.eval()
-    predict = classifier(model) if spec.head else _text_classifier(model, tokenize, names, templates)
-    with torch.no_grad():
-        after = _accuracy(accelerator, predict, test_images, test_data.labels, n_classes, config["train"])
+
+    def evaluate():
+        was_training = model.training
+        model.eval()
+        predict = classifier(model) if spec.head else _text_classifier(model, tokenize, names, templates)
+        with torch.no_grad():
+            accuracy = _accuracy(accelerator, predict, test_images, test_data.labels, n_classes, config["train"])
+        model.train(was_training)
+        return accuracy
+
+    def save(output_dir):
+        return save_adapter(accelerator.unwrap_model(model), output_dir, base.info, spec.to_dict(),
+                            training={"train": config["train"].to_dict(), "data": config["data"].to_dict(),
+                                      "classify": config["classify"].to_dict(), "class_names": names},
+                            save_dtype=config["train"].save_dtype)
+
+    with TrainingMonitor.from_config(accelerator, config["train"], evaluate, save) as monitor:
+        monitor.start(config, before)
+        result = train(train_module, train_set, config["train"], accelerator, compute_loss,
+                       fingerprint=result_fingerprint(config, base.info), monitor=monitor)
+        after = evaluate()
+        metrics = {"before": before, "after": after, "steps": len(result.losses), "class_names": names,
+                   "skipped_rows": train_data.skipped + test_data.skipped,
+                   "train_images_per_second": images_per_second(result.step_seconds, monitor.images_per_step),
+                   **monitor.finish(len(result.losses), after)}
     accelerator.print(format_metrics_table(before, after))
-    metrics = {"before": before, "after": after, "steps": len(result.losses), "class_names": names,
-               "skipped_rows": train_data.skipped + test_data.skipped,
-               "train_images_per_second": images_per_second(result.step_seconds, config["train"].batch_size
-                                                            * config["train"].grad_accum_steps)}
     accelerator.print(f"{len(result.losses)} steps at {metrics['train_images_per_second'] or float('nan'):.1f} "
                       f"images/s (after the first steps)")
     if accelerator.is_main_process:
-        out = save_adapter(accelerator.unwrap_model(model), config["train"].output_dir, base.info, spec.to_dict(),
-                           training={"train": config["train"].to_dict(), "data": config["data"].to_dict(),
-                                     "classify": config["classify"].to_dict(), "class_names": names},
-                           save_dtype=config["train"].save_dtype)
+        out = save(config["train"].output_dir)
         save_metrics(out, metrics)
+        save_curves(out, metrics)
         accelerator.print(f"adapter saved to {out}")
     accelerator.wait_for_everyone()
     return metrics

@@ -37,6 +37,7 @@ from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
 from peftclip.recipe import recipe_parser, run_recipe
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
+from peftclip.tracking import TrainingMonitor, save_curves
 from peftclip.train import (
     TrainConfig,
     evaluate_retrieval,
@@ -88,6 +89,11 @@ def training_function(config: dict, accelerator) -> dict:
         return evaluate_retrieval(accelerator, model, val_images, captions, text_to_image, tokenize,
                                   train_config.eval_batch_size, train_config.num_workers)
 
+    def save(output_dir):
+        return save_adapter(accelerator.unwrap_model(model), output_dir, base.info, spec.to_dict(),
+                            training={"train": train_config.to_dict(), "data": config["data"].to_dict()},
+                            save_dtype=train_config.save_dtype)
+
     before = evaluate()
     train_model, train_data = model, train_set
     if train_config.feature_cache:
@@ -96,21 +102,22 @@ def training_function(config: dict, accelerator) -> dict:
                                                       accelerator.device)
         if train_model is not model:
             accelerator.print(f"feature cache: {train_model.modes}")
-    result = train(train_model, train_data, train_config, accelerator,
-                   fingerprint=result_fingerprint(config, base.info))
-    after = evaluate()
-    metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
-               "skipped_steps": result.skipped_steps, **counts,
-               "train_images_per_second": images_per_second(result.step_seconds, train_config.batch_size
-                                                            * train_config.grad_accum_steps)}
+    with TrainingMonitor.from_config(accelerator, train_config, evaluate, save) as monitor:
+        monitor.start(config, before)
+        result = train(train_model, train_data, train_config, accelerator,
+                       fingerprint=result_fingerprint(config, base.info), monitor=monitor)
+        after = evaluate()
+        metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
+                   "skipped_steps": result.skipped_steps, **counts,
+                   "train_images_per_second": images_per_second(result.step_seconds, monitor.images_per_step),
+                   **monitor.finish(len(result.losses), after)}
     accelerator.print(format_metrics_table(before, after))
     accelerator.print(f"{len(result.losses)} steps at {metrics['train_images_per_second'] or float('nan'):.1f} "
                       f"images/s (after the first steps)")
     if accelerator.is_main_process:
-        out = save_adapter(accelerator.unwrap_model(model), train_config.output_dir, base.info, spec.to_dict(),
-                           training={"train": train_config.to_dict(), "data": config["data"].to_dict()},
-                           save_dtype=train_config.save_dtype)
+        out = save(train_config.output_dir)
         save_metrics(out, metrics)
+        save_curves(out, metrics)
         accelerator.print(f"adapter saved to {out}")
     accelerator.wait_for_everyone()
     return metrics
