@@ -5,20 +5,25 @@ probe when nothing else trains), three objectives (`--objective ce`: cross-entro
 head, or on text-derived class logits as CoOp does when there is no head; `--objective
 flyp`: contrastive against class prompts), class-folder images, parquet with a ClassLabel
 (e.g. ../shared/data/cifar10), and an offline built-in default (colour+shape classes).
-Reports top-1, top-5 and mean per-class accuracy before and after.
+Reports top-1, top-5 and mean per-class accuracy before and after. The few-shot protocol of CoOp and
+CLIP-LoRA: `--shots K` trains on K images per class, drawn with the seeds; `--seeds 1 2 3` runs once per
+seed (adapters in <output-dir>-seed<S>) and reports top-1's mean ± std.
 
     python recipes/classify.py
     python recipes/classify.py --source ../shared/data/cifar10 --val-split test --max-images 2000
+    python recipes/classify.py --source ../shared/data/cifar10 --val-split test --shots 16 --seeds 1 2 3
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 
 from peftclip.adapters import (
     AdapterSpec,
@@ -38,7 +43,8 @@ from peftclip.adapters.heads import (
 from peftclip.cache import FeatureCache, cache_image_tower
 from peftclip.data import DataConfig, EvalImages, LabelledImages, load_labelled
 from peftclip.evaluate import classification_accuracy
-from peftclip.io import save_adapter, save_metrics
+from peftclip.fewshot import select_shots
+from peftclip.io import check_output_dir, save_adapter, save_metrics
 from peftclip.losses import contrastive_step, cross_entropy_step
 from peftclip.models import BaseConfig, load_base
 from peftclip.recipe import recipe_parser, run_recipe
@@ -52,7 +58,7 @@ from peftclip.train import (
     result_fingerprint,
     train,
 )
-from peftclip.utils import ConfigMixin, cache_root
+from peftclip.utils import ConfigMixin, cache_root, stable_seed
 
 OBJECTIVES = ("ce", "flyp")
 
@@ -66,10 +72,19 @@ class ClassifyConfig(ConfigMixin):
     objective: str = field(default="ce", metadata={"help": f"Training objective, one of {OBJECTIVES}."})
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES),
                                  metadata={"help": "Prompt templates with {} for the class name."})
+    shots: int | None = field(default=None, metadata={
+        "help": "Train on this many images per class (few-shot), drawn with --split-seed and the run's seed."})
+    seeds: list[int] | None = field(default=None, metadata={
+        "help": "Run once per seed (training and shot draw), adapters in <output-dir>-seed<S>; reports top-1's "
+                "mean ± std."})
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}; choose from {OBJECTIVES}")
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(f"shots={self.shots}: must be at least 1")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds}: each seed once")
         for template in self.templates:
             if "{}" not in template:
                 raise ValueError(f"template {template!r} has no {{}} for the class name")
@@ -138,6 +153,9 @@ def training_function(config: dict, accelerator) -> dict:
     base = load_base(config["base"], device=accelerator.device)
     with accelerator.main_process_first():
         train_data, test_data = load_labelled(config["data"])
+    if config["classify"].shots:
+        train_data = select_shots(train_data, config["classify"].shots,
+                                  stable_seed(config["data"].split_seed, config["train"].seed))
     names, templates, n_classes = train_data.class_names, config["classify"].templates, len(train_data.class_names)
     accelerator.print(f"data: {len(train_data.images)} training and {len(test_data.images)} test images, "
                       f"{n_classes} classes")
@@ -182,7 +200,7 @@ def training_function(config: dict, accelerator) -> dict:
                        fingerprint=result_fingerprint(config, base.info), monitor=monitor)
         after = evaluate()
         metrics = {"before": before, "after": after, "steps": len(result.losses), "class_names": names,
-                   "skipped_rows": train_data.skipped + test_data.skipped,
+                   "train_images": len(train_data.images), "skipped_rows": train_data.skipped + test_data.skipped,
                    "train_images_per_second": images_per_second(result.step_seconds, monitor.images_per_step),
                    **monitor.finish(len(result.losses), after)}
     accelerator.print(format_metrics_table(before, after))
@@ -197,13 +215,35 @@ def training_function(config: dict, accelerator) -> dict:
     return metrics
 
 
+def run_seeds(config: dict, accelerator) -> dict:
+    """`training_function` once per `--seeds` value, each adapter in <output_dir>-seed<S>; top-1's mean ± std.
+
+    Without --seeds, one run as configured.
+    """
+    seeds, train_config = config["classify"].seeds, config["train"]
+    if not seeds:
+        return training_function(config, accelerator)
+    runs = {}
+    for seed in seeds:
+        output_dir = f"{train_config.output_dir}-seed{seed}"
+        check_output_dir(output_dir, overwrite=train_config.overwrite)
+        set_seed(seed)
+        runs[seed] = training_function({**config, "train": replace(train_config, seed=seed, output_dir=output_dir)},
+                                       accelerator)
+    top1 = [metrics["after"]["top1"] for metrics in runs.values()]
+    summary = {"seeds": runs, "top1_mean": statistics.mean(top1), "top1_std": statistics.pstdev(top1)}
+    accelerator.print(f"top-1 over seeds {', '.join(map(str, seeds))}: "
+                      f"{summary['top1_mean']:.2f} ± {summary['top1_std']:.2f}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; bad input exits with status 2 and a one-line error."""
     parser = recipe_parser(__doc__, SECTIONS, skip=frozenset({"n_classes"}))  # the data gives the class count
     # A head objective leaves the text tower's trainable parameters (e.g. text_projection) without a
     # gradient: DDP must be told, or it waits for them.
     return run_recipe(argv, parser, SECTIONS, DEFAULTS,
-                      lambda: str(make_shapes_dataset(default_data_dir()) / "labels.csv"), training_function,
+                      lambda: str(make_shapes_dataset(default_data_dir()) / "labels.csv"), run_seeds,
                       find_unused_parameters=_trains_head_only_on_images)
 
 
