@@ -225,6 +225,20 @@ def cmd_import_peft(args: argparse.Namespace) -> None:
     print(f"imported {args.peft_dir} -> {import_peft_adapter(args.peft_dir, base, args.out)}")
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    """Convert a CSV / JSONL / image-folder set into size-bounded webdataset or parquet shards."""
+    from .data import DataConfig
+    from .shards import write_parquet_shards, write_webdataset_shards
+
+    if args.max_shard_mb <= 0:
+        raise ValueError(f"--max-shard-mb={args.max_shard_mb}: must be positive")
+    config = DataConfig(source=args.source, image_column=args.image_column, caption_column=args.caption_column,
+                        skip_bad_rows=args.skip_bad_rows)
+    write = write_webdataset_shards if args.action == "to-wds" else write_parquet_shards
+    shards = write(config, args.out, int(args.max_shard_mb * 2**20))
+    print(f"wrote {len(shards)} shard(s) to {args.out}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Run a recipe shipped in `peftclip.recipes` (by name) or a recipe file with the arguments after it."""
     name = args.recipe.removesuffix(".py")
@@ -319,11 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
     import_peft.add_argument("--model-name", required=True, help="open_clip model the adapter was trained on")
     import_peft.add_argument("--pretrained", help="its pretrained tag or weights file (default: random weights)")
     import_peft.add_argument("--out", required=True, help="peftclip adapter folder to write")
+    data = sub.add_parser("data", help="convert a CSV / image folder into webdataset or parquet shards")
+    data.add_argument("action", choices=["to-wds", "to-parquet"], help="webdataset .tar shards, or parquet files")
+    data.add_argument("source", help="the set to convert (any map-style source the recipes accept)")
+    data.add_argument("out", help="new or empty folder for the shards")
+    data.add_argument("--max-shard-mb", type=float, default=256, help="images per shard, in MB (default: 256)")
+    data.add_argument("--image-column", default="file_name", help="column of image paths (default: file_name)")
+    data.add_argument("--caption-column", default="caption", help="column of captions (default: caption)")
+    data.add_argument("--skip-bad-rows", action="store_true", help="drop bad rows instead of stopping")
     return parser
 
 
 COMMANDS = {"train": cmd_train, "info": cmd_info, "compare": cmd_compare, "eval": cmd_eval, "embed": cmd_embed,
-            "search": cmd_search, "merge": cmd_merge, "push": cmd_push, "import-peft": cmd_import_peft}
+            "search": cmd_search, "merge": cmd_merge, "push": cmd_push, "import-peft": cmd_import_peft,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

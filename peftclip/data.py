@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import multiprocessing
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,14 +23,17 @@ from tqdm.auto import tqdm
 
 from .utils import ConfigMixin, stable_seed
 
-__all__ = ["DataConfig", "DataError", "EvalImages", "LabelledImages", "LabelledSet", "PairSet", "TrainPairs",
-           "count_truncated", "decode_image", "eval_texts", "load_held_out_labelled", "load_held_out_pairs",
-           "load_labelled", "load_pairs", "read_texts", "source_fingerprint"]
+__all__ = ["CHECK_DATA", "BadSamples", "DataConfig", "DataError", "EvalImages", "LabelledImages", "LabelledSet",
+           "PairSet", "TrainPairs", "count_truncated", "decode_image", "eval_texts", "load_held_out_labelled",
+           "load_held_out_pairs", "load_labelled", "load_pairs", "read_texts", "source_fingerprint"]
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
              ".arrow": "arrow"}
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 _PROGRESS_MIN_ROWS = 1000
+CHECK_DATA = ("full", "fast", "off")
+_FULL_CHECK_MAX_ROWS = 10_000  # above this, check_data defaults to "fast": decoding every image takes minutes
+_BAD_FRACTION_MIN_SAMPLES = 100  # max_bad_fraction is measured over at least this many samples
 _DEFAULT_IMAGE_COLUMN = "file_name"
 _DEFAULT_CAPTION_COLUMN = "caption"
 _OPEN_CLIP_COLUMNS = ("filepath", "title")  # open_clip_train's --csv-img-key and --csv-caption-key defaults
@@ -43,6 +48,13 @@ _Select = Callable[[int], Sequence[list[int]]]  # number of images -> the image 
 
 class DataError(ValueError):
     """A data set that cannot be used as given: the message names the file, row, column or value."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader re-raises a worker's error as type(error)("Caught DataError in DataLoader worker process N.\n
+        # Original Traceback ... peftclip.data.DataError: <message>"): keep the one line that says what is wrong.
+        if message.startswith("Caught ") and "\n" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
 
 
 @dataclass
@@ -79,13 +91,37 @@ class DataConfig(ConfigMixin):
     skip_bad_rows: bool = field(default=False, metadata={
         "help": "Drop and count bad rows (missing/corrupt image, empty caption) instead of stopping."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/held-out split and subsampling."})
+    check_data: str | None = field(default=None, metadata={
+        "help": f"Up-front check of the chosen rows, one of {CHECK_DATA}: 'full' decodes every image (at 1/8 scale), "
+                f"'fast' checks columns, captions and that image files exist, 'off' checks nothing; default 'full' "
+                f"for sets of at most {_FULL_CHECK_MAX_ROWS:,} rows, else 'fast'. Images that fail to decode while "
+                f"training are then counted and skipped (see max_bad_fraction)."})
+    max_bad_fraction: float = field(default=0.01, metadata={
+        "help": "Stop when more than this share of the training samples read so far (counted over at least 100) "
+                "cannot be used (undecodable image, empty caption, missing member); 0 stops at the first."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read a parquet/arrow source or Hub dataset id with datasets' streaming=True instead of "
+                "memory-mapping it (webdataset .tar shards always stream)."})
+    train_num_samples: int | None = field(default=None, metadata={
+        "help": "Samples in one epoch of a streaming source (open_clip_train's --train-num-samples); without it "
+                "one epoch is max_steps long."})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "Samples in the shuffle buffer of a streaming source."})
+    val_source: str | None = field(default=None, metadata={
+        "help": "A separate source to evaluate on (any map-style source; its val_split, else all of it); a "
+                "webdataset source without one holds out its last val_shards shards.", "path": True})
+    val_shards: int = field(default=1, metadata={
+        "help": "Shards of a webdataset source held out for evaluation when val_source is unset."})
 
     def __post_init__(self) -> None:
         if self.source is not None and not self.source.strip():
             raise ValueError(f"source={self.source!r}: must not be empty")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
-        for name in ("max_images", "max_val_images"):
+        if self.check_data is not None and self.check_data not in CHECK_DATA:
+            raise ValueError(f"check_data={self.check_data!r}; choose from {CHECK_DATA}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction={self.max_bad_fraction!r}: must be in [0, 1]")
+        for name in ("max_images", "max_val_images", "train_num_samples", "shuffle_buffer", "val_shards"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
         if self.csv_separator == "\\t":  # as typed in a shell or YAML without escapes
@@ -101,7 +137,7 @@ class DataConfig(ConfigMixin):
 class PairSet:
     """Distinct images (a path or encoded bytes each) with all their captions."""
 
-    images: list[ImageRef]
+    images: Sequence[ImageRef]  # paths, or encoded images read from a memory-mapped table when used
     captions: list[list[str]]
     names: list[str]  # the file path, else where the row is: "<file> line N" or "<source> row N"
     skipped: int = 0  # bad rows dropped (only with skip_bad_rows)
@@ -111,7 +147,7 @@ class PairSet:
 class LabelledSet:
     """Images with one integer label each, and the class names."""
 
-    images: list[ImageRef]
+    images: Sequence[ImageRef]
     labels: list[int]
     names: list[str]
     class_names: list[str]
@@ -165,21 +201,6 @@ def decode_image(ref: ImageRef, name: str | None = None) -> Image.Image:
             return _to_rgb(image)
     except _DECODE_ERRORS as e:
         raise DataError(f"{name}: cannot decode image: {e}") from e
-
-
-def _image_problem(ref: ImageRef | None) -> str | None:
-    """Why `ref` is not a usable image, or None. JPEGs decode at 1/8 scale, which still finds truncation."""
-    if ref is None:
-        return "no image in this row"
-    if isinstance(ref, str) and (problem := _path_problem(Path(ref))) is not None:
-        return problem
-    try:
-        with _open_image(ref) as image:
-            image.draft("RGB", (1, 1))
-            image.load()
-    except _DECODE_ERRORS as e:
-        return f"cannot decode image: {e}"
-    return None
 
 
 def _as_list(value: Any) -> list:
@@ -301,7 +322,8 @@ class _Table(NamedTuple):
 
     data: datasets.Dataset
     column: str  # of captions or labels
-    refs: list[ImageRef | None]
+    refs: Sequence[ImageRef | None]  # a list of paths, or `_EncodedImages` read from the table on access
+    keys: list[Any]  # per row, what identifies its image: the path, a hash of its bytes, or None for no image
     names: list[str]  # the image path, else the row's location
     where: list[str]  # "<file> line N" for CSV/TSV/JSONL files, else "<source> row N"
     name: str
@@ -323,19 +345,69 @@ def _image_column(data: datasets.Dataset, config: DataConfig, name: str) -> str:
     return _column(data, config.image_column, _DEFAULT_IMAGE_COLUMN, [_OPEN_CLIP_COLUMNS[0], *image_features], name)
 
 
-def _refs(data: datasets.Dataset, column: str, root: Path, where: list[str]) -> tuple[list[ImageRef | None], list[str]]:
-    """Per row: encoded bytes when the data set embeds them, else a resolved path; and a readable name."""
+def _ref(value: Any, root: Path) -> ImageRef | None:
+    """A path (resolved against `root`) or encoded bytes from an image column's value."""
+    if isinstance(value, dict):
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, str):
+        return value if Path(value).is_absolute() else str(root / value)
+    return value if isinstance(value, bytes) else None
+
+
+class _EncodedImages(Sequence):
+    """The images of an Image column, read from the (memory-mapped) table when asked for, never held as a list.
+
+    Pickled into DataLoader workers as a reference to the table's cache files, so memory does not grow with the
+    image bytes; `take` selects rows without copying any.
+    """
+
+    def __init__(self, data: datasets.Dataset, column: str, root: Path, rows: Sequence[int] | None = None) -> None:
+        self.data = data.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        self.column, self.root = column, root
+        self.rows = range(len(data)) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> ImageRef | None:  # type: ignore[override]
+        return _ref(self.data[int(self.rows[i])][self.column], self.root)
+
+    def take(self, indices: Sequence[int]) -> "_EncodedImages":
+        """The images at `indices`, still unread."""
+        taken = _EncodedImages.__new__(_EncodedImages)
+        taken.data, taken.column, taken.root = self.data, self.column, self.root
+        taken.rows = [self.rows[i] for i in indices]
+        return taken
+
+
+def _take(refs: Sequence[ImageRef | None], indices: Sequence[int]) -> Sequence[ImageRef | None]:
+    return refs.take(indices) if isinstance(refs, _EncodedImages) else [refs[i] for i in indices]
+
+
+def _image_keys(images: _EncodedImages) -> list[Any]:
+    """Per row: the path of a path-only image, else a hash of its bytes (rows with the same image group
+    together), else None. Reads the table in batches, so memory stays flat however many images there are."""
+    keys: list[Any] = []
+    for batch in images.data.with_format("arrow").iter(batch_size=1024):
+        column = batch.column(images.column).combine_chunks()
+        for data, path in zip(column.field("bytes"), column.field("path")):
+            if data.is_valid:
+                keys.append(hashlib.blake2b(data.as_buffer(), digest_size=16).digest())
+            else:
+                keys.append(_ref(path.as_py(), images.root))
+    return keys
+
+
+def _refs(data: datasets.Dataset, column: str, root: Path,
+          where: list[str]) -> tuple[Sequence[ImageRef | None], list[Any], list[str]]:
+    """Per row: the image (lazily read `_EncodedImages` for an Image feature, else resolved paths), its grouping
+    key, and a readable name (the path, else the row's location)."""
     if isinstance(data.features[column], datasets.Image):
-        data = data.cast_column(column, datasets.Image(decode=False))
-    refs, names = [], []
-    for row, value in enumerate(data[column]):
-        if isinstance(value, dict):
-            value = value["bytes"] if value.get("bytes") is not None else value.get("path")
-        if isinstance(value, str):
-            value = value if Path(value).is_absolute() else str(root / value)
-        refs.append(value if isinstance(value, (str, bytes)) else None)
-        names.append(value if isinstance(value, str) else where[row])
-    return refs, names
+        refs: Sequence[ImageRef | None] = _EncodedImages(data, column, root)
+        keys = _image_keys(refs)
+    else:
+        refs = keys = [_ref(value, root) for value in data[column]]
+    return refs, keys, [key if isinstance(key, str) else where[row] for row, key in enumerate(keys)]
 
 
 def _read_table(config: DataConfig, split: str, column: str, default: str = "",
@@ -354,33 +426,60 @@ def _read_table(config: DataConfig, split: str, column: str, default: str = "",
                   where, name)
 
 
+def _check_mode(config: DataConfig, n_rows: int) -> str:
+    if config.check_data is not None:
+        return config.check_data
+    return "full" if n_rows <= _FULL_CHECK_MAX_ROWS else "fast"
+
+
+def _image_problem(table: _Table, row: int, check: str) -> str | None:
+    """Why row `row`'s image is not usable, or None. 'fast' only looks for it; JPEGs decode at 1/8 scale, which
+    still finds truncation."""
+    key = table.keys[row]
+    if key is None:
+        return "no image in this row"
+    if check == "off":
+        return None
+    if isinstance(key, str) and (problem := _path_problem(Path(key))) is not None:
+        return problem
+    if check == "fast":
+        return None
+    try:
+        with _open_image(table.refs[row]) as image:
+            image.draft("RGB", (1, 1))
+            image.load()
+    except _DECODE_ERRORS as e:
+        return f"cannot decode image: {e}"
+    return None
+
+
 def _validate(table: _Table, rows: list[int], row_problem: Callable[[int], str | None],
-              skip: bool) -> tuple[list[int], int]:
+              skip: bool, check: str) -> tuple[list[int], int]:
     """The good ones of `rows` and the number of bad ones; raises on the first bad row unless `skip`."""
     good, bad, checked = [], 0, {}
-    for row in tqdm(rows, desc="checking data", leave=False, disable=len(rows) <= _PROGRESS_MIN_ROWS):
-        ref = table.refs[row]
-        key = ref if ref is not None else row  # an image shared by several rows is decoded once
+    show = check == "full" and len(rows) > _PROGRESS_MIN_ROWS
+    for row in tqdm(rows, desc="checking data", leave=False, disable=not show):
+        key = table.keys[row] if table.keys[row] is not None else ("row", row)  # a shared image is checked once
         if key not in checked:
-            checked[key] = _image_problem(ref)
+            checked[key] = _image_problem(table, row, check)
         problem = checked[key] or row_problem(row)
         if problem is None:
             good.append(row)
         elif skip:
             bad += 1
         else:
-            where = f"{table.names[row]} ({table.where[row]})" if isinstance(ref, str) else table.names[row]
+            where = f"{table.names[row]} ({table.where[row]})" if isinstance(key, str) else table.names[row]
             raise DataError(f"{where}: {problem} (pass --skip-bad-rows to drop such rows)")
     if rows and not good:
         raise DataError(f"{table.name}: every row is bad ({bad} skipped)")
     return good, bad
 
 
-def _group_rows(refs: list[ImageRef | None]) -> list[list[int]]:
+def _group_rows(keys: list[Any]) -> list[list[int]]:
     """Row numbers per distinct image, in order of first appearance: same path or same encoded bytes."""
     groups: dict[Any, list[int]] = {}
-    for row, ref in enumerate(refs):
-        groups.setdefault(ref if ref is not None else ("row", row), []).append(row)
+    for row, key in enumerate(keys):
+        groups.setdefault(key if key is not None else ("row", row), []).append(row)
     return list(groups.values())
 
 
@@ -431,11 +530,14 @@ def _train_val(config: DataConfig, load_sets: Callable[[DataConfig, str, _Select
 
 
 def _validated_sets(table: _Table, groups: list[list[int]], select: _Select, row_problem: Callable[[int], str | None],
-                    skip: bool) -> list[tuple[list[list[int]], int]]:
-    """Per set that `select` picks: the good rows of each chosen image (dropping images left with none), bad rows."""
+                    config: DataConfig) -> list[tuple[list[list[int]], int]]:
+    """Per set that `select` picks: the good rows of each chosen image (dropping images left with none), bad rows.
+
+    Each set is checked as `config.check_data` says, by default fully when small (a held-out set usually is)."""
     sets = []
     for chosen in select(len(groups)):
-        good, bad = _validate(table, sorted(row for i in chosen for row in groups[i]), row_problem, skip)
+        rows = sorted(row for i in chosen for row in groups[i])
+        good, bad = _validate(table, rows, row_problem, config.skip_bad_rows, _check_mode(config, len(rows)))
         good = set(good)
         kept = [[row for row in groups[i] if row in good] for i in chosen]
         sets.append(([image_rows for image_rows in kept if image_rows], bad))
@@ -446,10 +548,10 @@ def _pair_sets(config: DataConfig, split: str, select: _Select) -> list[PairSet]
     """Group rows by image, choose images with `select`, then validate only the chosen images' rows."""
     table = _read_table(config, split, config.caption_column, _DEFAULT_CAPTION_COLUMN, _OPEN_CLIP_COLUMNS[1:])
     texts = table.data[table.column]
-    return [PairSet(images=[table.refs[rows[0]] for rows in kept], names=[table.names[rows[0]] for rows in kept],
+    return [PairSet(images=_take(table.refs, [rows[0] for rows in kept]), names=[table.names[rows[0]] for rows in kept],
                     captions=[[c.strip() for row in rows for c in _as_list(texts[row])] for rows in kept], skipped=bad)
-            for kept, bad in _validated_sets(table, _group_rows(table.refs), select,
-                                             lambda row: _caption_problem(texts[row]), config.skip_bad_rows)]
+            for kept, bad in _validated_sets(table, _group_rows(table.keys), select,
+                                             lambda row: _caption_problem(texts[row]), config)]
 
 
 def load_pairs(config: DataConfig) -> tuple[PairSet, PairSet]:
@@ -487,11 +589,10 @@ def _label_sets(config: DataConfig, split: str, select: _Select) -> list[Labelle
         class_names = sorted({str(v) for v in raw if v is not None})
         index = {name: i for i, name in enumerate(class_names)}
         labels = [index[str(v)] if v is not None else None for v in raw]
-    return [LabelledSet([table.refs[r] for (r,) in kept], [labels[r] for (r,) in kept],
+    return [LabelledSet(_take(table.refs, [r for (r,) in kept]), [labels[r] for (r,) in kept],
                         [table.names[r] for (r,) in kept], class_names, bad)
             for kept, bad in _validated_sets(table, [[row] for row in range(len(raw))], select,
-                                             lambda row: None if labels[row] is not None else "no label",
-                                             config.skip_bad_rows)]
+                                             lambda row: None if labels[row] is not None else "no label", config)]
 
 
 def load_labelled(config: DataConfig) -> tuple[LabelledSet, LabelledSet]:
@@ -537,6 +638,19 @@ def _split_files(config: DataConfig, loaded: _Split) -> list[Path]:
     return files
 
 
+def _streamed_files(config: DataConfig) -> list[Path] | None:
+    """The local files a streamed source reads (webdataset shards, streamed table files), a Hub id's name as a
+    path (its data is not downloaded to fingerprint it), or None for a map-style source."""
+    from .streaming import shard_urls  # here: streaming imports this module
+
+    if (urls := shard_urls(config.source)) is not None:
+        return [Path(url) for url in urls]
+    if not config.streaming:
+        return None
+    source = Path(config.source)
+    return sorted(source.parent.glob(source.name)) or [source]
+
+
 def source_fingerprint(config: DataConfig) -> str:
     """A hash of the data `config` reads, that changes when the data under the same source changes.
 
@@ -554,6 +668,10 @@ def source_fingerprint(config: DataConfig) -> str:
     if config.source is None:
         raise DataError("no data source given (--source)")
     digest = hashlib.sha256()
+    if (streamed := _streamed_files(config)) is not None:
+        for path in streamed:
+            digest.update(_file_stamp(path, Path(config.source).parent).encode())
+        return digest.hexdigest()
     for split in dict.fromkeys(s for s in (config.split, config.val_split) if s is not None):
         loaded = _load_split(config, split)
         digest.update(f"split\0{split}\n".encode())
@@ -586,12 +704,64 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     return texts
 
 
-class _ImageDataset(Dataset):
-    """Decodes and transforms images in DataLoader workers, with augmentation seeded per item."""
+class BadSamples:
+    """Counts the training samples read and those skipped as unusable, across DataLoader workers.
 
-    def __init__(self, images: list[ImageRef], names: list[str], transform: Callable, seed: int = 0) -> None:
-        self.images, self.names, self.transform, self.seed = images, names, transform, seed
+    The counts live in shared memory that forked or spawned workers inherit, so the training process reads
+    the total. Past `max_fraction` of the samples read (counted over at least 100) `add` raises a one-line
+    DataError naming the sample.
+    """
+
+    def __init__(self, max_fraction: float = 0.01) -> None:
+        self.max_fraction = max_fraction
+        self._counts = multiprocessing.Array("q", 2)  # samples read, bad samples
+
+    @property
+    def count(self) -> int:
+        """Bad samples skipped so far, in every worker."""
+        return self._counts[1]
+
+    def read(self) -> None:
+        with self._counts.get_lock():
+            self._counts[0] += 1
+
+    def add(self, where: str, problem: str) -> None:
+        """Count one bad sample (already `read`); raise if there are now too many."""
+        with self._counts.get_lock():
+            self._counts[1] += 1
+            read, bad = self._counts[0], self._counts[1]
+        if bad > self.max_fraction * max(read, _BAD_FRACTION_MIN_SAMPLES):
+            raise DataError(f"{where}: {problem}; {bad} of {read} samples read were bad, more than "
+                            f"max_bad_fraction={self.max_fraction} (raise --max-bad-fraction to skip more)")
+        warnings.warn(f"skipped {where}: {problem}", stacklevel=2)
+
+
+class _ImageDataset(Dataset):
+    """Decodes and transforms images in DataLoader workers, with augmentation seeded per item.
+
+    With `bad` (training sets), an item whose image cannot be decoded is counted and replaced by the next
+    usable one, so batches keep their size; without it (evaluation) the DataError is raised.
+    """
+
+    def __init__(self, images: Sequence[ImageRef], names: list[str], transform: Callable, seed: int = 0,
+                 bad: BadSamples | None = None) -> None:
+        self.images, self.names, self.transform, self.seed, self.bad = images, names, transform, seed, bad
         self.epoch = 0
+
+    def __getitem__(self, i: int) -> Any:
+        if self.bad is None:
+            return self.item(i)
+        for j in range(i, i + len(self)):
+            self.bad.read()
+            try:
+                return self.item(j % len(self))
+            except DataError as e:
+                self.bad.add(self.names[j % len(self)], str(e).removeprefix(f"{self.names[j % len(self)]}: "))
+        raise DataError("every training image failed to decode")
+
+    def item(self, i: int) -> Any:
+        """Item `i`; raises DataError if its image cannot be decoded."""
+        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
         """Change caption sampling and augmentation for a new epoch."""
@@ -614,26 +784,27 @@ class TrainPairs(_ImageDataset):
     The caption of item i is a function of (seed, epoch, i), so it is the same in any worker or process.
     """
 
-    def __init__(self, pairs: PairSet, transform: Callable, tokenizer: Callable, seed: int = 0) -> None:
-        super().__init__(pairs.images, pairs.names, transform, seed)
+    def __init__(self, pairs: PairSet, transform: Callable, tokenizer: Callable, seed: int = 0,
+                 max_bad_fraction: float = 0.01) -> None:
+        super().__init__(pairs.images, pairs.names, transform, seed, BadSamples(max_bad_fraction))
         self.captions, self.tokenizer = pairs.captions, tokenizer
 
     def caption_index(self, i: int) -> int:
         """Which of image `i`'s captions this epoch uses."""
         return random.Random(stable_seed(self.seed, self.epoch, i)).randrange(len(self.captions[i]))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image(i), self.tokenizer([self.captions[i][self.caption_index(i)]])[0]
 
 
 class LabelledImages(_ImageDataset):
     """(image tensor, label) pairs."""
 
-    def __init__(self, data: LabelledSet, transform: Callable, seed: int = 0) -> None:
-        super().__init__(data.images, data.names, transform, seed)
+    def __init__(self, data: LabelledSet, transform: Callable, seed: int = 0, max_bad_fraction: float = 0.01) -> None:
+        super().__init__(data.images, data.names, transform, seed, BadSamples(max_bad_fraction))
         self.labels = data.labels
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def item(self, i: int) -> tuple[torch.Tensor, int]:
         return self.image(i), self.labels[i]
 
 
@@ -643,7 +814,7 @@ class EvalImages(_ImageDataset):
     def __init__(self, data: PairSet | LabelledSet, transform: Callable) -> None:
         super().__init__(data.images, data.names, transform)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def item(self, i: int) -> torch.Tensor:
         return self.image(i)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import signal
 import statistics
@@ -13,9 +14,9 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, send_to_device, set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .checkpoint import (
@@ -399,18 +400,18 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
     >>> result = train(model, TrainPairs(...), TrainConfig(max_steps=10), create_accelerator(...))  # doctest: +SKIP
     """
     generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                        num_workers=config.num_workers, generator=generator)
-    if len(loader) == 0:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(dataset)} items)")
+    loader, batches_per_epoch = _create_loader(dataset, config, accelerator, generator)
     if config.grad_checkpointing:
         _set_grad_checkpointing(model)
     if config.release_memory:
         release_freed_memory()
     optimizer = create_optimizer(model, config)
-    total_steps = _total_steps(config, len(loader))
+    total_steps = _total_steps(config, batches_per_epoch)
     scheduler = create_scheduler(optimizer, config.warmup_steps, total_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if isinstance(dataset, IterableDataset):  # a stream splits itself across processes; Accelerate would not
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     checkpointer = Checkpointer(accelerator, config.output_dir, fingerprint or {}, config.checkpoint_every_steps,
                                 config.checkpoint_every_minutes, config.keep_checkpoints)
     try:
@@ -474,14 +475,61 @@ def _optimizer_step(loop: _Loop, mean_loss: float, grad_norm: float) -> bool:
     return taken
 
 
+def _create_loader(dataset: Dataset, config: TrainConfig, accelerator: Accelerator,
+                   generator: torch.Generator) -> tuple[DataLoader, int]:
+    """The training DataLoader and the optimiser-step batches in one epoch.
+
+    A map-style set is shuffled by `generator` and split across processes by Accelerate. A stream
+    (`streaming.StreamingPairs`) batches itself per process: an epoch is `train_num_samples` over the global
+    batch, else `max_steps` long, so every process runs the same number of steps.
+    """
+    if not isinstance(dataset, IterableDataset):
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                            num_workers=config.num_workers, generator=generator)
+        if len(loader) == 0:
+            raise ValueError(f"batch_size={config.batch_size} is larger than the training set ({len(dataset)} items)")
+        return loader, len(loader)
+    if dataset.num_samples is not None:
+        batches = dataset.num_samples // config.batch_size
+        if batches == 0:
+            raise ValueError(f"train_num_samples={dataset.num_samples} is less than one batch "
+                             f"(batch_size={config.batch_size})")
+    elif config.max_steps is not None:
+        batches = config.max_steps * config.grad_accum_steps
+    else:
+        raise ValueError("a streaming source needs --train-num-samples (samples per epoch) or --max-steps")
+    dataset.configure(config.batch_size // accelerator.num_processes, batches)
+    return DataLoader(dataset, batch_size=None, num_workers=config.num_workers), batches
+
+
+def _epoch_batches(loop: _Loop, epoch: int, skip: int) -> Any:
+    """The batches of `epoch` from batch `skip` on, on the training device."""
+    dataset = loop.loader.dataset
+    if isinstance(dataset, IterableDataset):  # each worker reads its own shards: read the skipped batches again
+        dataset.set_epoch(epoch)
+        return (send_to_device(batch, loop.accelerator.device) for batch in itertools.islice(loop.loader, skip, None))
+    batches = loop.accelerator.skip_first_batches(loop.loader, skip) if skip else loop.loader
+    # Accelerate's loaders pass their epoch to `dataset.set_epoch` on every iteration; a new
+    # skipping loader would start at 0, so give it the real epoch.
+    batches.set_epoch(epoch)
+    return batches
+
+
+def _train_mode(model: nn.Module) -> None:
+    """`model.train()`, but BatchNorm layers with frozen parameters stay in eval mode: their running
+    statistics belong to the frozen base, which no adapter holds, so they must not move."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            module.eval()
+
+
 def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
     """One pass over the loader from batch `skip`, stepping, guarding, checkpointing and stopping on a signal."""
     config, accelerator, result, checkpointer = loop.config, loop.accelerator, loop.result, loop.checkpointer
     loop.generator.manual_seed(config.seed + epoch)  # shuffling is a function of the epoch alone
-    batches = accelerator.skip_first_batches(loop.loader, skip) if skip else loop.loader
-    # Accelerate's loaders pass their epoch to `dataset.set_epoch` on every iteration; a new
-    # skipping loader would start at 0, so give it the real epoch.
-    batches.set_epoch(epoch)
+    batches = _epoch_batches(loop, epoch, skip)
     loop.model.train()
     for index, batch in enumerate(batches, start=skip):
         _seed_step(config.seed, epoch, index, accelerator.process_index)

@@ -407,7 +407,7 @@ def test_an_image_spoilt_after_loading_is_named_when_decoded(folder, base):
     train, _ = load_pairs(DataConfig(source=str(folder), val_fraction=0.0))
     (folder / "images" / "1.png").write_text("gone bad")
     with pytest.raises(DataError, match=r"/images/1.png: cannot decode image"):
-        TrainPairs(train, base.preprocess_train, base.tokenizer)[1]
+        TrainPairs(train, base.preprocess_train, base.tokenizer, max_bad_fraction=0.0)[1]
 
 
 @pytest.mark.parametrize(("n_rows", "shown"), [(10, False), (1001, True)])

@@ -34,6 +34,16 @@ def _recipe(out: Path, data: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def kill_once_written(process: subprocess.Popen, path: Path) -> None:
+    """SIGKILL `process` as soon as `path` exists; fail if it ended first."""
+    deadline = time.monotonic() + 300
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_same_adapter_bytes(tmp_path):
     from peftclip.synthetic import make_shapes_dataset
@@ -42,13 +52,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_adapter_bytes(tmp_path):
     assert full.wait(timeout=300) == 0, full.stderr.read()[-2000:]
 
     killed = _recipe(tmp_path / "killed", data)
-    checkpoint = tmp_path / "killed-checkpoints" / "step-00000006" / "trainer_state.json"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_once_written(killed, tmp_path / "killed-checkpoints" / "step-00000006" / "trainer_state.json")
     assert not (tmp_path / "killed" / SAFETENSORS_WEIGHTS_NAME).exists()
 
     resumed = _recipe(tmp_path / "killed", data, "--resume", "latest")

@@ -170,7 +170,7 @@ def training_function(config: dict, accelerator) -> dict:
     model, tokenize = apply_strategy(base.model, spec, base.tokenizer, head_weights=weights)
     augment = config["data"].augment
     train_set = LabelledImages(train_data, base.preprocess_train if augment else base.preprocess_val,
-                               seed=config["train"].seed)
+                               seed=config["train"].seed, max_bad_fraction=config["data"].max_bad_fraction)
     train_model = model
     if config["train"].feature_cache and config["classify"].objective == "ce":
         cache = FeatureCache(cache_root() / "features")

@@ -36,6 +36,7 @@ from peftclip.data import (
 from peftclip.io import save_adapter, save_metrics
 from peftclip.models import BaseConfig, load_base
 from peftclip.recipe import recipe_parser, run_recipe
+from peftclip.streaming import StreamingPairs, is_streaming, load_stream
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
 from peftclip.tracking import TrainingMonitor, save_curves
 from peftclip.train import (
@@ -57,14 +58,20 @@ DEFAULTS = {"train": {"epochs": 40, "lr": 3e-3, "batch_size": 64, "warmup_steps"
 
 
 def get_datasets(base, data_config: DataConfig, tokenize, reserved_tokens: int, seed: int):
-    """Training pairs (one caption sampled per image and epoch), the held-out images and captions, and counts."""
-    train_pairs, val_pairs = load_pairs(data_config)
+    """Training pairs (one caption sampled per image and epoch, or a stream of them), the held-out images and
+    captions, and counts (a stream's captions are not counted ahead)."""
     transform = base.preprocess_train if data_config.augment else base.preprocess_val
-    train_set = TrainPairs(train_pairs, transform, tokenize, seed=seed)
+    if is_streaming(data_config):
+        stream, val_pairs = load_stream(data_config)
+        train_set, train_pairs = StreamingPairs(stream, transform, tokenize, seed, data_config), None
+    else:
+        train_pairs, val_pairs = load_pairs(data_config)
+        train_set = TrainPairs(train_pairs, transform, tokenize, seed=seed,
+                               max_bad_fraction=data_config.max_bad_fraction)
     captions, text_to_image = eval_texts(val_pairs)
-    counts = {"skipped_rows": train_pairs.skipped + val_pairs.skipped,
-              "truncated_captions": count_truncated(train_pairs.captions + val_pairs.captions, base.tokenizer,
-                                                    reserved_tokens)}
+    counts = {"skipped_rows": (train_pairs.skipped if train_pairs else 0) + val_pairs.skipped,
+              "truncated_captions": count_truncated((train_pairs.captions if train_pairs else []) + val_pairs.captions,
+                                                    base.tokenizer, reserved_tokens)}
     return train_set, EvalImages(val_pairs, base.preprocess_val), captions, text_to_image, counts
 
 
@@ -77,7 +84,8 @@ def training_function(config: dict, accelerator) -> dict:
     with accelerator.main_process_first():
         train_set, val_images, captions, text_to_image, counts = get_datasets(
             base, config["data"], tokenize, spec.text_prompt.n_ctx if spec.text_prompt else 0, train_config.seed)
-    accelerator.print(f"data: {len(train_set)} training images, {len(val_images)} held-out images with "
+    size = f"{len(train_set)} training images" if isinstance(train_set, TrainPairs) else "a training stream"
+    accelerator.print(f"data: {size}, {len(val_images)} held-out images with "
                       f"{len(captions)} captions; {counts['skipped_rows']} bad rows skipped; "
                       f"{counts['truncated_captions']} captions truncated to the context length")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -96,7 +104,7 @@ def training_function(config: dict, accelerator) -> dict:
 
     before = evaluate()
     train_model, train_data = model, train_set
-    if train_config.feature_cache:
+    if train_config.feature_cache and isinstance(train_set, TrainPairs):  # a stream is never cached
         cache = FeatureCache(cache_root() / "features")
         train_model, train_data = cache_frozen_towers(model, train_set, base.info, config["data"].augment, cache,
                                                       accelerator.device)
@@ -108,7 +116,8 @@ def training_function(config: dict, accelerator) -> dict:
                        fingerprint=result_fingerprint(config, base.info), monitor=monitor)
         after = evaluate()
         metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
-                   "skipped_steps": result.skipped_steps, **counts,
+                   "skipped_steps": result.skipped_steps, "bad_samples": train_set.bad.count,
+               **counts,
                    "train_images_per_second": images_per_second(result.step_seconds, monitor.images_per_step),
                    **monitor.finish(len(result.losses), after)}
     accelerator.print(format_metrics_table(before, after))
