@@ -116,8 +116,7 @@ def training_function(config: dict, accelerator) -> dict:
                        fingerprint=result_fingerprint(config, base.info), monitor=monitor)
         after = evaluate()
         metrics = {"before": before, "after": after, "steps": len(result.losses), "final_loss": result.losses[-1],
-                   "skipped_steps": result.skipped_steps, "bad_samples": train_set.bad.count,
-               **counts,
+                   "skipped_steps": result.skipped_steps, "bad_samples": train_set.bad.count, **counts,
                    "train_images_per_second": images_per_second(result.step_seconds, monitor.images_per_step),
                    **monitor.finish(len(result.losses), after)}
     accelerator.print(format_metrics_table(before, after))
