@@ -18,6 +18,8 @@ directly; `SplitAttentionPool2d` calls its linears instead.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,14 @@ __all__ = ["SPLIT_MODULES", "SplitAttentionPool2d", "SplitMultiheadAttention", "
 def _base(layer: nn.Module) -> nn.Module:
     """The layer itself, or the (possibly merged) base layer a PEFT wrapper holds."""
     return getattr(layer, "base_layer", layer)
+
+
+def _uninitialized(build: Callable[[], nn.Module], like: torch.Tensor) -> nn.Module:
+    """`build()` with uninitialised storage on `like`'s device and dtype: its weights are copied in next,
+    so running the default init (slow for large layers, and done on the CPU even for a meta model) is waste."""
+    with torch.device("meta"):
+        module = build()
+    return module.to_empty(device=like.device).to(like.dtype)
 
 
 class SplitMultiheadAttention(nn.Module):
@@ -58,10 +68,8 @@ class SplitMultiheadAttention(nn.Module):
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
         bias = mha.in_proj_bias is not None
-        new = cls(mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, bias=bias,
-                  dropout=mha.dropout, batch_first=mha.batch_first)
-        factory = {"device": mha.out_proj.weight.device, "dtype": mha.out_proj.weight.dtype}
-        new.to(**factory)
+        new = _uninitialized(lambda: cls(mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, bias=bias,
+                                         dropout=mha.dropout, batch_first=mha.batch_first), mha.out_proj.weight)
         if mha._qkv_same_embed_dim:
             weights = mha.in_proj_weight.detach().chunk(3, dim=0)
         else:
@@ -146,7 +154,7 @@ class SplitQKV(nn.Module):
         dim = qkv.out_features // 3
         has_bias = qkv.bias is not None or any(b is not None for b in biases)
         factory = {"device": qkv.weight.device, "dtype": qkv.weight.dtype}
-        linears = [nn.Linear(qkv.in_features, dim, bias=has_bias, **factory) for _ in range(3)]
+        linears = [_uninitialized(lambda: nn.Linear(qkv.in_features, dim, bias=has_bias), qkv.weight) for _ in range(3)]
         fused_bias = qkv.bias.detach().chunk(3) if qkv.bias is not None else (None, None, None)
         with torch.no_grad():
             for i, linear in enumerate(linears):
