@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from peftclip import cli, tracking
 from peftclip.io import METRICS_NAME, SAFETENSORS_WEIGHTS_NAME
-from peftclip.recipes import lora_retrieval
+from peftclip.recipes import classify, lora_retrieval
 from peftclip.tracking import CURVES_NAME, plot_curves, tracking_dir
 from tests import test_recipes
 
@@ -153,3 +153,14 @@ def test_bad_tracking_flags_exit_2_with_one_line(tmp_path, shapes, monkeypatch, 
         _run(tmp_path / "out", shapes, "--max-steps", "1", *flags)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_classify_evaluates_every_epoch_into_its_history(tmp_path, shapes):
+    """Classification's own evaluation (top-1, top-5, mean per class) runs after each epoch and at the end."""
+    metrics = classify.main(["--source", str(shapes / "labels.csv"), "--output-dir", str(tmp_path / "out"),
+                             "--max-steps", "4", "--batch-size", "16", "--num-workers", "0", "--cpu",
+                             "--eval-every-epochs", "1", "--save-best", "top1"])
+    batches_per_epoch = metrics["train_images"] // 16
+    assert [entry["step"] for entry in metrics["history"]] == [0, batches_per_epoch, 4]
+    assert set(metrics["history"][1]["metrics"]) == {"top1", "top5", "mean_per_class"}
+    assert metrics["best"]["value"] == max(entry["metrics"]["top1"] for entry in metrics["history"][1:])
