@@ -104,7 +104,6 @@ class TrainConfig(ConfigMixin):
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop after N evaluations without improvement of the --save-best metric."})
 
-
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -530,7 +529,7 @@ def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
     config, accelerator, result, checkpointer = loop.config, loop.accelerator, loop.result, loop.checkpointer
     loop.generator.manual_seed(config.seed + epoch)  # shuffling is a function of the epoch alone
     batches = _epoch_batches(loop, epoch, skip)
-    loop.model.train()
+    _train_mode(loop.model)
     for index, batch in enumerate(batches, start=skip):
         _seed_step(config.seed, epoch, index, accelerator.process_index)
         with accelerator.accumulate(loop.model):
