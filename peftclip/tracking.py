@@ -162,8 +162,10 @@ class TrainingMonitor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.accelerator.log_with:
-            self.accelerator.end_training()
+        # The trackers' own finish, not `accelerator.end_training()`: that also destroys the process group,
+        # which the recipe still needs to evaluate and save.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def on_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, epoch: int, loss: float,
                 grad_norm: float, seconds: float) -> bool:
