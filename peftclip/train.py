@@ -206,17 +206,30 @@ def param_group(name: str) -> str:
 def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with one group per (parameter group, decay or not) and each group's own lr and weight decay.
 
-    Biases, norms and `logit_scale` get no weight decay.
+    Biases, norms and `logit_scale` get no weight decay. With LoRA+ (`LoraConfig.loraplus_lr_ratio`),
+    the LoRA parameters split as PEFT's `create_loraplus_optimizer` splits them: `lora_B` and
+    one-dimensional ones (DoRA's magnitude) form the `lora_B` group at ratio × the lora group's lr.
     """
+    ratio = next((m.peftclip_loraplus_lr_ratio for m in model.modules()
+                  if getattr(m, "peftclip_loraplus_lr_ratio", None) is not None), None)
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((param_group(name), _no_decay(name, param)), []).append(param)
+            group = param_group(name)
+            if ratio is not None and group == "lora" and ("lora_B" in name or param.ndim == 1):
+                group = "lora_B"
+            groups.setdefault((group, _no_decay(name, param)), []).append(param)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+
+    def lr(group: str) -> float:
+        return lr("lora") * ratio if group == "lora_B" else config.group_lr.get(group, config.lr)
+
+    def decay(group: str) -> float:  # lora_B decays as the lora group does
+        return config.group_weight_decay.get("lora" if group == "lora_B" else group, config.weight_decay)
+
     return torch.optim.AdamW([
-        {"params": params, "name": group, "lr": config.group_lr.get(group, config.lr),
-         "weight_decay": 0.0 if no_decay else config.group_weight_decay.get(group, config.weight_decay)}
+        {"params": params, "name": group, "lr": lr(group), "weight_decay": 0.0 if no_decay else decay(group)}
         for (group, no_decay), params in sorted(groups.items(), key=lambda kv: kv[0])
     ], lr=config.lr)
 

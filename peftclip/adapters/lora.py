@@ -23,13 +23,17 @@ from ..families import FAMILIES, TOWERS, block_paths, family_of, tower_prefix
 from ..utils import ConfigMixin
 from .attention import convert_attention
 
-__all__ = ["LORA_TARGETS", "LoraConfig", "TARGETS", "TOWERS", "apply_lora", "lora_parameter_count",
-           "lora_target_names", "tower_blocks_path"]
+__all__ = ["INIT_LORA", "LORA_TARGETS", "MUTATING_INITS", "LoraConfig", "TARGETS", "TOWERS", "apply_lora",
+           "lora_parameter_count", "lora_target_names", "tower_blocks_path"]
 
 # The shared target names and their paths inside a native open_clip block after `convert_attention`.
 TARGETS: dict[str, str] = {name: paths[0] for name, paths in FAMILIES[0].targets.items()}
 # Every target name some family knows: the shared ones first, then family-specific ones.
 LORA_TARGETS: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES for t in f.target_names))
+# `init_lora` choices and what PEFT's `init_lora_weights` calls them.
+INIT_LORA: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# Inits that move part of W into A and B, leaving a residual base that adapters cannot share.
+MUTATING_INITS = ("pissa", "olora")
 _NATIVE = ("vit", "text")  # families whose unsplit attention plain PEFT would silently mis-adapt
 
 
@@ -51,6 +55,15 @@ class LoraConfig(ConfigMixin):
     r: int = field(default=4, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator: the update is B·A·alpha/r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input."})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA (Liu et al., 2024): a learned magnitude per output column times the direction of W + B·A."})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "rsLoRA (Kalajdzievski, 2023): scale the update by alpha/sqrt(r) instead of alpha/r."})
+    init_lora: str = field(default="default", metadata={
+        "help": f"How A and B start, among {list(INIT_LORA)}: PEFT's default (B=0), gaussian A, or PiSSA / OLoRA, "
+                "which start from the top singular vectors / a QR of W and keep the rest as the base."})
+    loraplus_lr_ratio: float | None = field(default=None, metadata={
+        "help": "LoRA+ (Hayou et al., 2024): B's learning rate is this ratio times A's (the paper uses 2 to 16)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.towers, str):
@@ -77,6 +90,10 @@ class LoraConfig(ConfigMixin):
             raise ValueError(f"lora_alpha={self.lora_alpha}: must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if self.init_lora not in INIT_LORA:
+            raise ValueError(f"init_lora={self.init_lora!r}: choose from {list(INIT_LORA)}")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise ValueError(f"loraplus_lr_ratio={self.loraplus_lr_ratio}: must be positive")
 
 
 
@@ -246,11 +263,17 @@ def to_peft_config(model: nn.Module, config: LoraConfig, **overrides: Any) -> pe
     The regex is readable in `adapter_config.json`, e.g. for all blocks of both towers
     `^(?:(?:visual\\.transformer\\.resblocks|transformer\\.resblocks)\\.\\d+)\\.(?:attn\\.q_proj|...)$`.
     When attention projections are adapted, the config also makes plain PEFT warn if it is
-    loaded onto a model whose attention was not split (see `_unsplit_guard`).
+    loaded onto a model whose attention was not split (see `_unsplit_guard`). An inference-mode
+    config (how `AdaptedCLIP` attaches adapters to a shared base) refuses PiSSA/OLoRA adapters.
     """
+    if overrides.get("inference_mode") and config.init_lora in MUTATING_INITS:
+        raise ValueError(f"init_lora={config.init_lora!r}: the adapter was trained on a residual base W - B0·A0 that "
+                         f"adapters sharing one base cannot have; load it alone with peftclip.load_adapter")
     names = lora_target_names(model, config)  # checks every targeted module is a linear or conv layer
     native = any(family_of(model, tower).name in _NATIVE for tower in config.towers)
     settings = {**(_unsplit_guard(config) if native else {}), **overrides}
+    settings = {"use_dora": config.use_dora, "use_rslora": config.use_rslora,
+                "init_lora_weights": INIT_LORA[config.init_lora], **settings}
     return peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                            target_modules=_target_regex(model, names, config.towers), bias="none", **settings)
 
@@ -260,7 +283,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     """Convert `model`'s attention to split projections and wrap it with a PEFT LoRA adapter.
 
     Only the LoRA weights are trainable afterwards. `peft_overrides` go to `peft.LoraConfig`
-    (e.g. `init_lora_weights=False` for a non-zero B in tests).
+    (e.g. `init_lora_weights=False` for a non-zero B in tests). PiSSA and OLoRA inits rewrite
+    the targeted base weights to W - B0·A0 (PEFT does this), so the model owns its base; loading
+    such an adapter with `load_adapter` recomputes the same residual from the same base.
+    With `loraplus_lr_ratio`, `train.create_optimizer` gives B that ratio of A's learning rate.
 
     >>> from peftclip.models import load_base
     >>> peft_model = apply_lora(load_base().model, LoraConfig(r=4))
@@ -270,7 +296,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     convert_attention(model)
     peft_config = to_peft_config(model, config, **peft_overrides)
     _warn_rank_above_width(model, config)
-    return peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
+    peft_model = peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
+    if config.loraplus_lr_ratio is not None:
+        peft_model.peftclip_loraplus_lr_ratio = config.loraplus_lr_ratio  # read by train.create_optimizer
+    return peft_model
 
 
 def _warn_rank_above_width(model: nn.Module, config: LoraConfig) -> None:

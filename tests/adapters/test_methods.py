@@ -1,0 +1,158 @@
+"""PEFT's LoRA variants through PEFT: DoRA, rsLoRA and PiSSA equal their formulas; LoRA+ sets B's learning rate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peftclip.adapters.attention import convert_attention
+from peftclip.adapters.lora import LoraConfig, apply_lora, lora_target_names
+from peftclip.adapters.strategy import AdapterSpec, apply_strategy
+from peftclip.inference import AdaptedCLIP
+from peftclip.io import load_adapter, save_adapter
+from peftclip.models import load_base
+from peftclip.train import TrainConfig, create_optimizer
+from tests.conftest import image_batch, text_batch
+
+TOL = 1e-5
+CONFIG = dict(towers=["vision", "text"], target_modules=["q", "v", "c_fc"], r=4, lora_alpha=8.0)
+
+
+def _encode(model, base):
+    with torch.no_grad():
+        return torch.cat([model.encode_image(image_batch(model)), model.encode_text(text_batch(base))])
+
+
+def _adapted(base, config: LoraConfig, **overrides):
+    """(converted base copy, PEFT model) with random non-zero A, B and (DoRA) magnitude."""
+    convert_attention(base.model)
+    original = copy.deepcopy(base.model)
+    model = apply_lora(base.model, config, **overrides)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    return original, model
+
+
+def _lora(model, name):
+    layer = model.get_base_model().get_submodule(name)
+    return layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+
+def _reference(original, model, config: LoraConfig, weight):
+    """A plain copy of the base whose targeted weights are `weight(W, B·A, layer)`."""
+    reference = copy.deepcopy(original)
+    with torch.no_grad():
+        for name in lora_target_names(reference, config):
+            layer, a, b = _lora(model, name)
+            target = reference.get_submodule(name)
+            target.weight.copy_(weight(target.weight, b @ a, layer))
+    return reference
+
+
+def _dora(w, ba, layer):
+    """W' = m · (W + s·BA) / ||W + s·BA||, the norm over each output's input weights (the paper's columns)."""
+    directed = w + ba * (8.0 / 4)
+    return layer.lora_magnitude_vector["default"].weight[:, None] * directed / directed.norm(dim=1, keepdim=True)
+
+
+FORMULAS = {
+    "dora": (dict(use_dora=True), _dora),
+    "rslora": (dict(use_rslora=True), lambda w, ba, layer: w + ba * 8.0 / 4 ** 0.5),
+}
+
+
+@pytest.mark.parametrize("variant", FORMULAS)
+def test_variant_outputs_equal_hand_built_formula(tiny_base, variant):
+    flags, formula = FORMULAS[variant]
+    config = LoraConfig(**CONFIG, **flags)
+    original, model = _adapted(tiny_base, config, init_lora_weights=False)
+    got, want = _encode(model, tiny_base), _encode(_reference(original, model, config, formula), tiny_base)
+    assert torch.allclose(got, want, atol=TOL, rtol=0), (got - want).abs().max()
+    assert not torch.allclose(got, _encode(original, tiny_base), atol=1e-3), "the variant had no effect"
+
+
+def test_pissa_starts_from_the_top_r_singular_part(tiny_base):
+    config = LoraConfig(**CONFIG, init_lora="pissa")
+    convert_attention(tiny_base.model)
+    original = copy.deepcopy(tiny_base.model)
+    model = apply_lora(tiny_base.model, config)
+    for name in lora_target_names(original, config):
+        layer, a, b = _lora(model, name)
+        w = original.get_submodule(name).weight
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        top = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+        update = b @ a * layer.scaling["default"]
+        assert torch.allclose(update, top, atol=TOL), f"{name}: BA is not the top-4 SVD part"
+        assert torch.allclose(layer.base_layer.weight + update, w, atol=TOL), f"{name}: W_res + BA != W"
+    assert torch.allclose(_encode(model, tiny_base), _encode(original, tiny_base), atol=TOL)
+
+
+def test_loraplus_gives_b_the_ratio_of_a_learning_rate(tiny_base):
+    model = apply_lora(tiny_base.model, LoraConfig(**CONFIG, loraplus_lr_ratio=16.0))
+    optimizer = create_optimizer(model, TrainConfig(lr=1e-3, group_lr={"lora": 2e-3}))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"lora": 2e-3, "lora_B": 2e-3 * 16.0}
+    b_params = {id(p) for n, p in model.named_parameters() if "lora_B" in n}
+    in_b = {id(p) for g in optimizer.param_groups if g["name"] == "lora_B" for p in g["params"]}
+    assert in_b == b_params
+
+
+@pytest.mark.parametrize("value", [0.0, -2.0])
+def test_loraplus_ratio_must_be_positive(value):
+    with pytest.raises(ValueError, match=f"loraplus_lr_ratio={value}"):
+        LoraConfig(loraplus_lr_ratio=value)
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="init_lora='svd'.*pissa"):
+        LoraConfig(init_lora="svd")
+
+
+VARIANTS = {"dora": dict(use_dora=True), "rslora": dict(use_rslora=True), "pissa": dict(init_lora="pissa"),
+            "olora": dict(init_lora="olora")}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each variant trained to random weights and saved, with its outputs."""
+    folder, out = tmp_path_factory.mktemp("variants"), {}
+    for name, flags in VARIANTS.items():
+        base = load_base()
+        spec = AdapterSpec(lora=LoraConfig(**CONFIG, **flags))
+        _, model = _adapted(base, spec.lora)
+        out[name] = save_adapter(model, folder / name, base.info, spec.to_dict()), _encode(model, base)
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_saves_and_loads_to_the_same_outputs(saved, variant):
+    folder, want = saved[variant]
+    base = load_base()
+    assert torch.allclose(_encode(load_adapter(base, folder), base), want, atol=TOL)
+
+
+@pytest.mark.parametrize("variant", ["dora", "rslora"])
+def test_variant_switches_and_merges_in_adapted_clip(saved, tmp_path, variant):
+    base = load_base()
+    plain, _ = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2)), init_lora_weights=False)
+    plain_out = _encode(plain, base)
+    clip = AdaptedCLIP(load_base())
+    clip.load_adapter(save_adapter(plain, tmp_path / "plain", base.info, {"lora": LoraConfig(r=2).to_dict()}), "plain")
+    clip.load_adapter(saved[variant][0], "variant")
+    for name, want in (("variant", saved[variant][1]), ("plain", plain_out), ("variant", saved[variant][1])):
+        clip.set_adapter(name)
+        assert torch.allclose(_encode(clip.model, base), want, atol=TOL), name
+    clip.merge("variant")
+    assert torch.allclose(_encode(clip.model, base), saved[variant][1], atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["pissa", "olora"])
+def test_residual_base_inits_are_refused_on_a_shared_base_by_name(saved, variant):
+    clip = AdaptedCLIP(load_base())
+    with pytest.raises(ValueError, match=f"init_lora='{variant}'.*load_adapter"):
+        clip.load_adapter(saved[variant][0], "variant")
