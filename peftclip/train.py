@@ -196,7 +196,7 @@ def param_group(name: str) -> str:
         return "lora"
     if name.startswith(("peftclip_text_prompt", "peftclip_visual_prompt")):
         return "prompts"
-    if name.startswith("peftclip_head"):
+    if name.startswith(("peftclip_head", "peftclip_tip_adapter")):  # Tip-Adapter-F's keys act as a head
         return "head"
     if name in ("visual.proj", "text_projection", "logit_scale", "logit_bias"):
         return "projections"
