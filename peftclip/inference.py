@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters.attention import SPLIT_MODULES, convert_attention
+from .adapters.clip_adapter import CLIP_ADAPTER_NAME, create_clip_adapter, set_clip_adapter
 from .adapters.heads import CLASSIFIER_NAME, DEFAULT_TEMPLATES, classifier, create_head, image_embed_dim
 from .adapters.lora import to_peft_config
 from .adapters.partial import select_parameters
@@ -54,6 +55,7 @@ _MODULE_SETTERS: dict[str, Callable[[nn.Module, nn.Module | None], None]] = {
     TEXT_PROMPT_NAME: set_text_prompt,
     VISUAL_PROMPT_NAME: set_visual_prompt,
     CLASSIFIER_NAME: lambda model, head: model.register_module(CLASSIFIER_NAME, head),
+    CLIP_ADAPTER_NAME: set_clip_adapter,
 }
 
 
@@ -186,6 +188,8 @@ class AdaptedCLIP:
         if spec.head is not None:
             zeros = torch.zeros(spec.head.n_classes, image_embed_dim(inner))
             record.modules[CLASSIFIER_NAME] = create_head(inner, spec.head, zeros)
+        if spec.clip_adapter is not None:
+            record.modules[CLIP_ADAPTER_NAME] = create_clip_adapter(inner, spec.clip_adapter)
         tensors = record.saved.other_tensors
         for attr, module in record.modules.items():
             own = {k.removeprefix(f"{attr}."): tensors.pop(k) for k in list(tensors) if k.startswith(f"{attr}.")}

@@ -45,7 +45,7 @@ _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size",
                        "eval_every_steps", "eval_every_epochs", "save_best", "early_stopping_patience"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-PARAM_GROUPS = ("lora", "prompts", "head", "projections", "blocks")
+PARAM_GROUPS = ("lora", "prompts", "head", "adapters", "projections", "blocks")
 
 
 @dataclass
@@ -196,8 +196,10 @@ def param_group(name: str) -> str:
         return "lora"
     if name.startswith(("peftclip_text_prompt", "peftclip_visual_prompt")):
         return "prompts"
-    if name.startswith(("peftclip_head", "peftclip_tip_adapter")):  # Tip-Adapter-F's keys act as a head
+    if name.startswith("peftclip_head"):
         return "head"
+    if name.startswith(("peftclip_clip_adapter", "peftclip_tip_adapter")):
+        return "adapters"
     if name in ("visual.proj", "text_projection", "logit_scale", "logit_bias"):
         return "projections"
     return "blocks"

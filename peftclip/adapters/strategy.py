@@ -10,6 +10,7 @@ from torch import nn
 
 from ..utils import ConfigMixin, inner_model
 from .attention import convert_attention
+from .clip_adapter import ClipAdapterConfig, attach_clip_adapter
 from .heads import HeadConfig, attach_head
 from .lora import LoraConfig, apply_lora
 from .partial import PartialConfig, apply_partial
@@ -20,7 +21,7 @@ from .prompts import (
     attach_visual_prompt,
 )
 
-__all__ = ["AdapterSpec", "StrategyConfig", "apply_strategy", "inner_model"]
+__all__ = ["METHODS", "AdapterSpec", "MethodEntry", "StrategyConfig", "apply_strategy", "inner_model"]
 
 
 @dataclass
@@ -33,7 +34,43 @@ class StrategyConfig(ConfigMixin):
     text_prompt: bool = field(default=False, metadata={"help": "Learn CoOp text context vectors."})
     visual_prompt: bool = field(default=False, metadata={"help": "Learn VPT visual prompt tokens."})
     head: bool = field(default=False, metadata={"help": "Train a linear classification head (classification only)."})
+    clip_adapter: bool = field(default=False, metadata={
+        "help": "Train a CLIP-Adapter residual MLP on the features (Gao et al., 2021)."})
 
+
+# attach(inner model, config, context): context holds "tokenizer" (replaced by one that takes prompts into
+# account, where a method needs it) and "head_weights" (a head's initial weights, or None).
+Attach = Callable[[nn.Module, Any, dict[str, Any]], object]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One adapter method: its config dataclass and how it attaches to the (unwrapped) model.
+
+    A method is on when its `StrategyConfig` flag of the same name is, or, without a flag
+    (partial), when its section says it is `active`. LoRA wraps the model, so `apply_strategy`
+    applies it first, through PEFT; `attach` is None for it.
+    """
+
+    config: type
+    attach: Attach | None
+
+
+def _attach_text_prompt(inner: nn.Module, config: TextPromptConfig, context: dict[str, Any]) -> None:
+    if context["tokenizer"] is None:
+        raise ValueError("text prompts need the base's tokenizer")
+    context["tokenizer"] = attach_text_prompt(inner, config, context["tokenizer"]).tokenize
+
+
+# Every method, in the order apply_strategy applies them; AdapterSpec has one field per name.
+METHODS: dict[str, MethodEntry] = {
+    "lora": MethodEntry(LoraConfig, None),
+    "partial": MethodEntry(PartialConfig, lambda inner, config, _: apply_partial(inner, config)),
+    "text_prompt": MethodEntry(TextPromptConfig, _attach_text_prompt),
+    "visual_prompt": MethodEntry(VisualPromptConfig, lambda inner, config, _: attach_visual_prompt(inner, config)),
+    "clip_adapter": MethodEntry(ClipAdapterConfig, lambda inner, config, _: attach_clip_adapter(inner, config)),
+    "head": MethodEntry(HeadConfig, lambda inner, config, ctx: attach_head(inner, config, ctx["head_weights"])),
+}
 
 
 @dataclass
@@ -45,6 +82,7 @@ class AdapterSpec:
     text_prompt: TextPromptConfig | None = None
     visual_prompt: VisualPromptConfig | None = None
     head: HeadConfig | None = None
+    clip_adapter: ClipAdapterConfig | None = None
 
     def __post_init__(self) -> None:
         if pair := self._contradiction():
@@ -72,30 +110,28 @@ class AdapterSpec:
 
     @classmethod
     def from_sections(cls, strategy: StrategyConfig, sections: dict[str, Any]) -> "AdapterSpec":
-        """Pick each enabled method's section from parsed config sections."""
-        partial = sections.get("partial")
-        return cls(lora=sections.get("lora", LoraConfig()) if strategy.lora else None,
-                   partial=partial if partial is not None and partial.active else None,
-                   text_prompt=sections.get("text_prompt", TextPromptConfig()) if strategy.text_prompt else None,
-                   visual_prompt=(sections.get("visual_prompt", VisualPromptConfig())
-                                  if strategy.visual_prompt else None),
-                   head=sections.get("head", HeadConfig()) if strategy.head else None)
+        """Pick each enabled method's section (its defaults when absent) from parsed config sections."""
+        chosen = {}
+        for name, entry in METHODS.items():
+            if hasattr(strategy, name):
+                chosen[name] = sections.get(name, entry.config()) if getattr(strategy, name) else None
+            else:
+                section = sections.get(name)
+                chosen[name] = section if section is not None and section.active else None
+        return cls(**chosen)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: config.to_dict() for name, config in self._methods().items() if config is not None}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> "AdapterSpec":
-        types = {"lora": LoraConfig, "partial": PartialConfig, "text_prompt": TextPromptConfig,
-                 "visual_prompt": VisualPromptConfig, "head": HeadConfig}
-        unknown = sorted(set(record) - set(types))
+        unknown = sorted(set(record) - set(METHODS))
         if unknown:
-            raise ValueError(f"unknown adapter method(s) {unknown}; known: {sorted(types)}")
-        return cls(**{name: types[name].from_dict(values) for name, values in record.items()})
+            raise ValueError(f"unknown adapter method(s) {unknown}; known: {sorted(METHODS)}")
+        return cls(**{name: METHODS[name].config.from_dict(values) for name, values in record.items()})
 
     def _methods(self) -> dict[str, Any]:
-        return {"lora": self.lora, "partial": self.partial, "text_prompt": self.text_prompt,
-                "visual_prompt": self.visual_prompt, "head": self.head}
+        return {name: getattr(self, name) for name in METHODS}
 
 
 def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | None = None,
@@ -117,17 +153,11 @@ def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | No
     convert_attention(model)
     if spec.lora is not None:
         model = apply_lora(model, spec.lora, adapter_name, **peft_overrides)
-    inner = inner_model(model)
-    if spec.partial is not None:
-        apply_partial(inner, spec.partial)
-    if spec.text_prompt is not None:
-        if tokenizer is None:
-            raise ValueError("text prompts need the base's tokenizer")
-        tokenizer = attach_text_prompt(inner, spec.text_prompt, tokenizer).tokenize
-    if spec.visual_prompt is not None:
-        attach_visual_prompt(inner, spec.visual_prompt)
-    if spec.head is not None:
-        attach_head(inner, spec.head, head_weights)
+    inner, context = inner_model(model), {"tokenizer": tokenizer, "head_weights": head_weights}
+    for name, config in spec._methods().items():
+        attach = METHODS[name].attach
+        if config is not None and attach is not None:
+            attach(inner, config, context)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the strategy trains nothing: enable LoRA, prompts, or parameters to unfreeze")
-    return model, tokenizer
+    return model, context["tokenizer"]
