@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "Measured", "median_seconds", "run_measured", "thread_env"]
+__all__ = ["REPO_ROOT", "Measured", "median_seconds", "run_measured", "thread_env", "timed_seconds"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,11 +142,11 @@ def _wait(proc: subprocess.Popen, cmd: list[str], timeout: float | None) -> None
         raise
 
 
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 0) -> float:
-    """Median wall seconds of `repeats` calls of `run`, after `warmup` untimed calls.
+def timed_seconds(run: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """Wall seconds of each of `repeats` calls of `run`, after `warmup` untimed calls.
 
-    >>> median_seconds(lambda: None, repeats=3) < 1
-    True
+    >>> len(timed_seconds(lambda: None, repeats=3, warmup=1))
+    3
     """
     for _ in range(warmup):
         run()
@@ -155,4 +155,13 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 0) -> 
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 0) -> float:
+    """Median wall seconds of `repeats` calls of `run`, after `warmup` untimed calls.
+
+    >>> median_seconds(lambda: None, repeats=3) < 1
+    True
+    """
+    return statistics.median(timed_seconds(run, repeats, warmup))
