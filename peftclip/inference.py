@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 
 from .adapters.attention import SPLIT_MODULES, convert_attention
 from .adapters.clip_adapter import CLIP_ADAPTER_NAME, create_clip_adapter, set_clip_adapter
+from .adapters.cocoop import create_cocoop_prompt
 from .adapters.heads import CLASSIFIER_NAME, DEFAULT_TEMPLATES, classifier, create_head, image_embed_dim
 from .adapters.lora import to_peft_config
+from .adapters.maple import add_maple_text_hooks, create_maple_prompt
 from .adapters.partial import select_parameters
 from .adapters.prompts import (
     TEXT_PROMPT_NAME,
@@ -190,6 +192,13 @@ class AdaptedCLIP:
             record.modules[CLASSIFIER_NAME] = create_head(inner, spec.head, zeros)
         if spec.clip_adapter is not None:
             record.modules[CLIP_ADAPTER_NAME] = create_clip_adapter(inner, spec.clip_adapter)
+        if spec.cocoop is not None:  # encode/classify use its context without the image offset
+            prompt = create_cocoop_prompt(inner, spec.cocoop, self.base.tokenizer)
+            record.modules[TEXT_PROMPT_NAME], record.tokenize = prompt, prompt.tokenize
+        if spec.maple is not None:
+            add_maple_text_hooks(inner)
+            prompt = create_maple_prompt(inner, spec.maple, self.base.tokenizer)
+            record.modules[VISUAL_PROMPT_NAME], record.tokenize = prompt, prompt.tokenize
         tensors = record.saved.other_tensors
         for attr, module in record.modules.items():
             own = {k.removeprefix(f"{attr}."): tensors.pop(k) for k in list(tensors) if k.startswith(f"{attr}.")}

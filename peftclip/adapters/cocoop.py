@@ -17,7 +17,7 @@ from torch import nn
 from .heads import image_embed_dim
 from .prompts import TextPrompt, TextPromptConfig, _token_embedding, set_text_prompt
 
-__all__ = ["CoCoOpPrompt", "attach_cocoop_prompt", "cocoop_logits"]
+__all__ = ["CoCoOpPrompt", "attach_cocoop_prompt", "cocoop_logits", "create_cocoop_prompt"]
 
 
 class CoCoOpPrompt(TextPrompt):
@@ -48,11 +48,17 @@ class CoCoOpPrompt(TextPrompt):
         return torch.cat([output[:, :start], ctx, output[:, start + n:]], dim=1)
 
 
-def attach_cocoop_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: Callable) -> CoCoOpPrompt:
-    """Add a trainable CoCoOp prompt (context and meta-network) to `model`'s text tower."""
+def create_cocoop_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: Callable) -> CoCoOpPrompt:
+    """A CoCoOp prompt (context and meta-network) for `model`'s text tower, on its device, not yet attached."""
     embedding = _token_embedding(model)
     prompt = CoCoOpPrompt(config, embedding.embedding_dim, tokenizer, embedding, image_embed_dim(model))
-    set_text_prompt(model, prompt.to(embedding.weight.device))
+    return prompt.to(embedding.weight.device)
+
+
+def attach_cocoop_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: Callable) -> CoCoOpPrompt:
+    """Add a trainable CoCoOp prompt to `model`'s text tower (it is the model's text prompt while attached)."""
+    prompt = create_cocoop_prompt(model, config, tokenizer)
+    set_text_prompt(model, prompt)
     return prompt
 
 

@@ -30,7 +30,8 @@ from .prompts import (
     set_visual_prompt,
 )
 
-__all__ = ["MapleConfig", "MaplePrompt", "attach_maple_prompt"]
+__all__ = ["MapleConfig", "MaplePrompt", "add_maple_text_hooks", "attach_maple_prompt", "create_maple_prompt",
+           "set_maple_prompt"]
 
 
 @dataclass
@@ -93,8 +94,15 @@ class MaplePrompt(VisualPrompt):
         return args, kwargs
 
 
-def attach_maple_prompt(model: nn.Module, config: MapleConfig, tokenizer: Callable) -> MaplePrompt:
-    """Add trainable MaPLe prompts to a native open_clip ViT model; texts go through the result's `tokenize`."""
+class _TextDispatch(_Dispatch):
+    """A text-tower hook that calls the visual prompt module only when it is a MaPLe prompt."""
+
+    def __call__(self, *hook_args: object) -> object:
+        return super().__call__(*hook_args) if isinstance(getattr(self.model, self.attr, None), MaplePrompt) else None
+
+
+def create_maple_prompt(model: nn.Module, config: MapleConfig, tokenizer: Callable) -> MaplePrompt:
+    """MaPLe prompts for a native open_clip ViT model, on its device, not yet attached."""
     embedding = _token_embedding(model)
     _, vision_width, n_prefix = _vision_layout(model)
     vision_blocks, text_blocks = block_paths(model, "vision"), block_paths(model, "text")
@@ -102,9 +110,27 @@ def attach_maple_prompt(model: nn.Module, config: MapleConfig, tokenizer: Callab
         raise ValueError(f"MaPLe needs a class-token ViT and prompt_depth={config.prompt_depth} at most the "
                          f"{min(len(vision_blocks), len(text_blocks))} blocks of the shallower tower")
     prompt = MaplePrompt(config, embedding.embedding_dim, vision_width, len(vision_blocks), tokenizer)
-    set_visual_prompt(model, prompt.to(embedding.weight.device))
-    embedding.register_forward_hook(_Dispatch(model, VISUAL_PROMPT_NAME, "text_insert"))
-    for index, path in enumerate(text_blocks):
-        model.get_submodule(path).register_forward_pre_hook(
-            _Dispatch(model, VISUAL_PROMPT_NAME, "text_before_block", index), with_kwargs=True)
+    return prompt.to(embedding.weight.device)
+
+
+def add_maple_text_hooks(model: nn.Module) -> None:
+    """Install, once, the text-tower hooks that call whichever MaPLe prompt `model` holds (none: no effect)."""
+    embedding = _token_embedding(model)
+    if not any(isinstance(h, _TextDispatch) for h in embedding._forward_hooks.values()):
+        embedding.register_forward_hook(_TextDispatch(model, VISUAL_PROMPT_NAME, "text_insert"))
+        for index, path in enumerate(block_paths(model, "text")):
+            model.get_submodule(path).register_forward_pre_hook(
+                _TextDispatch(model, VISUAL_PROMPT_NAME, "text_before_block", index), with_kwargs=True)
+
+
+def set_maple_prompt(model: nn.Module, prompt: MaplePrompt | None) -> None:
+    """Make `prompt` the MaPLe prompt of `model` (None: plain towers)."""
+    add_maple_text_hooks(model)
+    set_visual_prompt(model, prompt)
+
+
+def attach_maple_prompt(model: nn.Module, config: MapleConfig, tokenizer: Callable) -> MaplePrompt:
+    """Add trainable MaPLe prompts to a native open_clip ViT model; texts go through the result's `tokenize`."""
+    prompt = create_maple_prompt(model, config, tokenizer)
+    set_maple_prompt(model, prompt)
     return prompt

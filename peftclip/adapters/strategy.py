@@ -11,8 +11,10 @@ from torch import nn
 from ..utils import ConfigMixin, inner_model
 from .attention import convert_attention
 from .clip_adapter import ClipAdapterConfig, attach_clip_adapter
+from .cocoop import attach_cocoop_prompt
 from .heads import HeadConfig, attach_head
 from .lora import LoraConfig, apply_lora
+from .maple import MapleConfig, attach_maple_prompt
 from .partial import PartialConfig, apply_partial
 from .prompts import (
     TextPromptConfig,
@@ -36,6 +38,11 @@ class StrategyConfig(ConfigMixin):
     head: bool = field(default=False, metadata={"help": "Train a linear classification head (classification only)."})
     clip_adapter: bool = field(default=False, metadata={
         "help": "Train a CLIP-Adapter residual MLP on the features (Gao et al., 2021)."})
+    cocoop: bool = field(default=False, metadata={
+        "help": "CoCoOp: the text_prompt section's shared context plus an image-conditioned offset (Zhou et al., "
+                "2022)."})
+    maple: bool = field(default=False, metadata={
+        "help": "MaPLe: text prompts at the first J blocks, vision prompts coupled to them (Khattak et al., 2023)."})
 
 
 # attach(inner model, config, context): context holds "tokenizer" (replaced by one that takes prompts into
@@ -54,12 +61,25 @@ class MethodEntry:
 
     config: type
     attach: Attach | None
+    section: str | None = None  # the config section it reads, when not its own name
 
 
 def _attach_text_prompt(inner: nn.Module, config: TextPromptConfig, context: dict[str, Any]) -> None:
+    context["tokenizer"] = attach_text_prompt(inner, config, _tokenizer(context)).tokenize
+
+
+def _tokenizer(context: dict[str, Any]) -> Callable:
     if context["tokenizer"] is None:
         raise ValueError("text prompts need the base's tokenizer")
-    context["tokenizer"] = attach_text_prompt(inner, config, context["tokenizer"]).tokenize
+    return context["tokenizer"]
+
+
+def _attach_cocoop(inner: nn.Module, config: TextPromptConfig, context: dict[str, Any]) -> None:
+    context["tokenizer"] = attach_cocoop_prompt(inner, config, _tokenizer(context)).tokenize
+
+
+def _attach_maple(inner: nn.Module, config: MapleConfig, context: dict[str, Any]) -> None:
+    context["tokenizer"] = attach_maple_prompt(inner, config, _tokenizer(context)).tokenize
 
 
 # Every method, in the order apply_strategy applies them; AdapterSpec has one field per name.
@@ -69,6 +89,8 @@ METHODS: dict[str, MethodEntry] = {
     "text_prompt": MethodEntry(TextPromptConfig, _attach_text_prompt),
     "visual_prompt": MethodEntry(VisualPromptConfig, lambda inner, config, _: attach_visual_prompt(inner, config)),
     "clip_adapter": MethodEntry(ClipAdapterConfig, lambda inner, config, _: attach_clip_adapter(inner, config)),
+    "cocoop": MethodEntry(TextPromptConfig, _attach_cocoop, section="text_prompt"),
+    "maple": MethodEntry(MapleConfig, _attach_maple),
     "head": MethodEntry(HeadConfig, lambda inner, config, ctx: attach_head(inner, config, ctx["head_weights"])),
 }
 
@@ -83,6 +105,8 @@ class AdapterSpec:
     visual_prompt: VisualPromptConfig | None = None
     head: HeadConfig | None = None
     clip_adapter: ClipAdapterConfig | None = None
+    cocoop: TextPromptConfig | None = None
+    maple: MapleConfig | None = None
 
     def __post_init__(self) -> None:
         if pair := self._contradiction():
@@ -90,6 +114,9 @@ class AdapterSpec:
 
     def _contradiction(self) -> tuple[str, str, str] | None:
         """The first pair of settings that ask for opposite things, with why, or None."""
+        for first, second in (("cocoop", "text_prompt"), ("maple", "text_prompt"), ("maple", "visual_prompt")):
+            if getattr(self, first) is not None and getattr(self, second) is not None:
+                return f"--{first}", f"--{second.replace('_', '-')}", "both bring their own prompts; pick one"
         partial = self.partial
         if partial is not None and partial.full:
             for flag, on in (("--freeze", partial.freeze is not None), ("--projections", partial.projections),
@@ -114,7 +141,8 @@ class AdapterSpec:
         chosen = {}
         for name, entry in METHODS.items():
             if hasattr(strategy, name):
-                chosen[name] = sections.get(name, entry.config()) if getattr(strategy, name) else None
+                section = sections.get(entry.section or name, entry.config())
+                chosen[name] = section if getattr(strategy, name) else None
             else:
                 section = sections.get(name)
                 chosen[name] = section if section is not None and section.active else None
