@@ -29,7 +29,9 @@ __all__ = ["CachedCLIP", "CachedLabelled", "CachedPairs", "FeatureCache", "cache
            "compute_features", "tower_modes"]
 
 _DISK_MIN_BYTES = 64 << 20  # keep smaller caches in memory only
-_PROMPTS = {"vision": "peftclip_visual_prompt", "text": "peftclip_text_prompt"}
+# Added modules whose parameters change a tower's output (MaPLe's text context, held by its visual prompt, both).
+_PROMPTS = {"vision": ("peftclip_visual_prompt", "peftclip_clip_adapter.mlps.vision."),
+            "text": ("peftclip_text_prompt", "peftclip_clip_adapter.mlps.text.", "peftclip_visual_prompt.text_ctx")}
 # open_clip's native text tower lives on the CLIP model itself: these are its parts there.
 _NATIVE_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
@@ -37,7 +39,7 @@ _NATIVE_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_
 def _in_tower(model: nn.Module, name: str, tower: str) -> bool:
     """Whether parameter `name` of the (unwrapped) CLIP `model` belongs to `tower`."""
     prefix = tower_prefix(model, tower)
-    return name.startswith((_PROMPTS[tower], prefix) if prefix else (_PROMPTS[tower], *_NATIVE_TEXT))
+    return name.startswith((*_PROMPTS[tower], prefix) if prefix else (*_PROMPTS[tower], *_NATIVE_TEXT))
 
 
 def _projection_parameter(model: nn.Module, tower: str) -> str | None:

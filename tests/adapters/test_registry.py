@@ -10,6 +10,7 @@ from peftclip.adapters.lora import LoraConfig
 from peftclip.adapters.maple import MapleConfig
 from peftclip.adapters.prompts import TextPromptConfig, VisualPromptConfig
 from peftclip.adapters.strategy import METHODS, AdapterSpec, StrategyConfig, apply_strategy
+from peftclip.cache import tower_modes
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, save_adapter
 from peftclip.models import load_base
@@ -85,3 +86,12 @@ def test_methods_bringing_the_same_prompts_are_refused_together(pair):
                "visual_prompt": VisualPromptConfig()}
     with pytest.raises(ValueError, match=f"--{pair[0]} and --{pair[1].replace('_', '-')} contradict"):
         AdapterSpec(**{name: configs[name] for name in pair})
+
+
+@pytest.mark.parametrize("name,modes", [("clip_adapter", {"vision": "live", "text": "live"}),
+                                        ("maple", {"vision": "live", "text": "live"}),
+                                        ("cocoop", {"vision": "full", "text": "live"})])
+def test_feature_cache_keeps_the_towers_a_method_changes_live(name, modes):
+    base = load_base()
+    model, _ = apply_strategy(base.model, SPECS[name], base.tokenizer)
+    assert tower_modes(model) == modes
