@@ -1,6 +1,6 @@
 """MaPLe (Khattak et al., 2023): text prompts at the first J blocks, vision prompts coupled to them.
 
-The text tower gets `n_ctx` learned context tokens over placeholders (as CoOp) at its input and
+The text tower gets `prompt_length` learned context tokens over placeholders (as CoOp) at its input and
 fresh ones before each of its blocks 1..J-1. The vision tower's prompts at the same depths are
 not parameters of their own: they are `coupling[j](text_ctx[j])`, a linear map from the text
 width to the vision width, so every image-side loss also trains the text prompts. After block J
@@ -40,12 +40,12 @@ class MapleConfig(ConfigMixin):
 
     section: ClassVar[str] = "maple"
 
-    n_ctx: int = field(default=2, metadata={"help": "Context tokens per tower."})
+    prompt_length: int = field(default=2, metadata={"help": "Context tokens per tower (n_ctx in CoOp terms)."})
     prompt_depth: int = field(default=9, metadata={"help": "J: blocks (from the first) that get fresh prompts."})
 
     def __post_init__(self) -> None:
-        if self.n_ctx < 1:
-            raise ValueError(f"n_ctx={self.n_ctx}: must be at least 1")
+        if self.prompt_length < 1:
+            raise ValueError(f"prompt_length={self.prompt_length}: must be at least 1")
         if self.prompt_depth < 1:
             raise ValueError(f"prompt_depth={self.prompt_depth}: must be at least 1")
 
@@ -55,25 +55,25 @@ class MaplePrompt(VisualPrompt):
 
     def __init__(self, config: MapleConfig, text_width: int, vision_width: int, n_blocks: int,
                  tokenizer: Callable) -> None:
-        super().__init__(VisualPromptConfig(n_tokens=config.n_ctx, deep=True), vision_width, n_blocks)
+        super().__init__(VisualPromptConfig(n_tokens=config.prompt_length, deep=True), vision_width, n_blocks)
         del self.prompts  # the vision prompts are a function of the text prompts
         self.maple = config
         self._tokenizer = tokenizer
         self.start, _ = _tokenizer_layout(tokenizer)
-        self.text_ctx = nn.Parameter(torch.randn(config.prompt_depth, config.n_ctx, text_width) * 0.02)
+        self.text_ctx = nn.Parameter(torch.randn(config.prompt_depth, config.prompt_length, text_width) * 0.02)
         self.coupling = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(config.prompt_depth))
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids with `n_ctx` placeholders before each text, where the text context goes."""
-        return self._tokenizer([" ".join([_PLACEHOLDER] * self.maple.n_ctx + [text]) for text in texts])
+        """Token ids with `prompt_length` placeholders before each text, where the text context goes."""
+        return self._tokenizer([" ".join([_PLACEHOLDER] * self.maple.prompt_length + [text]) for text in texts])
 
     def vision_prompts(self, index: int) -> torch.Tensor:
-        """(n_ctx, vision width) prompts of depth `index`: the coupling of that depth's text context."""
+        """(prompt_length, vision width) prompts of depth `index`: the coupling of that depth's text context."""
         return self.coupling[index](self.text_ctx[index])
 
     def _with_prompts(self, x: torch.Tensor, index: int, replace: bool) -> torch.Tensor:
         prompts = self.vision_prompts(index).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return torch.cat([x[:, :1], prompts, x[:, 1 + self.maple.n_ctx if replace else 1:]], dim=1)
+        return torch.cat([x[:, :1], prompts, x[:, 1 + self.maple.prompt_length if replace else 1:]], dim=1)
 
     def before_block(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if 0 < index < self.maple.prompt_depth:
@@ -82,7 +82,7 @@ class MaplePrompt(VisualPrompt):
 
     def _with_text(self, x: torch.Tensor, index: int) -> torch.Tensor:
         ctx = self.text_ctx[index].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return torch.cat([x[:, :self.start], ctx, x[:, self.start + self.maple.n_ctx:]], dim=1)
+        return torch.cat([x[:, :self.start], ctx, x[:, self.start + self.maple.prompt_length:]], dim=1)
 
     def text_insert(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         """After the token embedding: the depth-0 text context over the placeholders."""

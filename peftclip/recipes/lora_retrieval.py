@@ -24,6 +24,8 @@ from peftclip.adapters import (
     VisualPromptConfig,
     apply_strategy,
 )
+from peftclip.adapters.clip_adapter import ClipAdapterConfig
+from peftclip.adapters.maple import MapleConfig
 from peftclip.cache import FeatureCache, cache_frozen_towers
 from peftclip.data import (
     DataConfig,
@@ -51,7 +53,7 @@ from peftclip.utils import cache_root
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig, "lora": LoraConfig,
             "partial": PartialConfig, "text_prompt": TextPromptConfig, "visual_prompt": VisualPromptConfig,
-            "train": TrainConfig}
+            "clip_adapter": ClipAdapterConfig, "maple": MapleConfig, "train": TrainConfig}
 # The built-in default: tiny random base, LoRA, the generated shapes task (peftclip/synthetic.py).
 DEFAULTS = {"train": {"epochs": 40, "lr": 3e-3, "batch_size": 64, "warmup_steps": 20,
                       "output_dir": "outputs/lora_retrieval"}}

@@ -12,7 +12,7 @@ from tests.conftest import image_batch
 @pytest.fixture
 def maple(tiny_base):
     model = tiny_base.model.requires_grad_(False)
-    return model, attach_maple_prompt(model, MapleConfig(n_ctx=2, prompt_depth=2), tiny_base.tokenizer)
+    return model, attach_maple_prompt(model, MapleConfig(prompt_length=2, prompt_depth=2), tiny_base.tokenizer)
 
 
 def test_image_loss_reaches_the_text_prompts(maple):

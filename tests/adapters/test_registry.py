@@ -22,7 +22,7 @@ SPECS = {
     "lora": AdapterSpec(lora=LoraConfig(r=2)),
     "clip_adapter": AdapterSpec(clip_adapter=ClipAdapterConfig(adapter_towers=["vision", "text"])),
     "cocoop": AdapterSpec(cocoop=TextPromptConfig(n_ctx=3)),
-    "maple": AdapterSpec(maple=MapleConfig(n_ctx=2, prompt_depth=2)),
+    "maple": AdapterSpec(maple=MapleConfig(prompt_length=2, prompt_depth=2)),
 }
 
 
