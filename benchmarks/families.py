@@ -8,7 +8,7 @@ two bare training steps on the same random batch (made once; no data loading, no
   peftclip's LoRA adapts in that family (q, k, v, out, c_fc, c_proj where the family has
   them, after `convert_attention`; ConvNeXt has MLP targets only), open_clip's own loss
   (`ClipLoss`, or `SigLipLoss` for a model with a `logit_bias`), AdamW on the branches;
-- `peftclip`: `apply_lora(model, LoraConfig(r, lora_alpha=2r))`, peftclip's
+- `peftclip`: `apply_lora(model, ClipLoraConfig(r, lora_alpha=2r))`, peftclip's
   `contrastive_step` through the PEFT model's forward, AdamW on its trainable parameters.
 
 Each (model, variant) runs in a process of its own, so its peak RSS is its own; the rate is
@@ -44,7 +44,7 @@ from benchmarks.lora_gap import _HandLora
 from benchmarks.process import REPO_ROOT, run_measured, thread_env, timed_seconds
 from benchmarks.report import write_results
 from peftclip.adapters.attention import convert_attention
-from peftclip.adapters.lora import LoraConfig, apply_lora, lora_target_names
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora, lora_target_names
 from peftclip.losses import contrastive_step
 from peftclip.utils import human_size
 
@@ -76,7 +76,7 @@ class _HandConvLora(nn.Module):
         return self.base(x) + F.conv2d(low, self.lora_B) * self.scaling
 
 
-def _add_hand_lora(model: nn.Module, config: LoraConfig) -> None:
+def _add_hand_lora(model: nn.Module, config: ClipLoraConfig) -> None:
     """Freeze `model` and put a hand-written LoRA branch on every layer peftclip's LoRA would adapt."""
     convert_attention(model)
     model.requires_grad_(False)
@@ -123,7 +123,7 @@ def create_family_step(model_name: str, variant: str, batch_size: int, *, r: int
     model = open_clip.create_model(model_name)
     model.train()
     images, texts = floor._random_batch(model, batch_size, torch.Generator().manual_seed(seed))
-    config = LoraConfig(r=r, lora_alpha=2.0 * r)
+    config = ClipLoraConfig(r=r, lora_alpha=2.0 * r)
     if variant == "peftclip":
         model = apply_lora(model, config)
         compute = lambda images, texts: contrastive_step(model, (images, texts))  # noqa: E731

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from benchmarks.process import median_seconds
 from benchmarks.report import write_results
-from peftclip.adapters import AdapterSpec, LoraConfig, PartialConfig, apply_strategy
+from peftclip.adapters import AdapterSpec, ClipLoraConfig, PartialConfig, apply_strategy
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, save_adapter
 from peftclip.models import BaseConfig, load_base
@@ -31,8 +31,8 @@ from peftclip.models import BaseConfig, load_base
 RESULTS = Path(__file__).parent / "results"
 # The adapters switched between: two LoRA (attention + MLP, r=8, both towers) and a partial one.
 ADAPTERS = {
-    "lora_a": AdapterSpec(lora=LoraConfig(r=8, lora_alpha=16.0)),
-    "lora_b": AdapterSpec(lora=LoraConfig(r=8, lora_alpha=16.0)),
+    "lora_a": AdapterSpec(lora=ClipLoraConfig(r=8, lora_alpha=16.0)),
+    "lora_b": AdapterSpec(lora=ClipLoraConfig(r=8, lora_alpha=16.0)),
     "projections_last2": AdapterSpec(partial=PartialConfig(projections=True, last_blocks=2)),
 }
 SWITCHES = (("lora_a", "lora_b"), ("lora_a", "projections_last2"), ("lora_a", None))

@@ -35,7 +35,7 @@ from benchmarks.process import median_seconds
 from benchmarks.report import write_results
 from peftclip.adapters import AdapterSpec, apply_strategy
 from peftclip.adapters.attention import convert_attention
-from peftclip.adapters.lora import TARGETS, LoraConfig
+from peftclip.adapters.lora import TARGETS, ClipLoraConfig
 from peftclip.adapters.strategy import inner_model
 
 __all__ = ["VARIANTS", "create_variant_step", "main"]
@@ -60,7 +60,7 @@ class _HandLora(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
 
-def _build(model_name: str, variant: str, lora: LoraConfig) -> nn.Module:
+def _build(model_name: str, variant: str, lora: ClipLoraConfig) -> nn.Module:
     """The open_clip model of one variant, with exactly its trainable parameters requiring grad."""
     model = open_clip.create_model(model_name)
     model.train()
@@ -102,7 +102,7 @@ def create_variant_step(model_name: str, variant: str, batch_size: int, *, r: in
     if variant == "floor":
         return floor.create_floor_step(model_name, "lora", batch_size, seed=seed)[1]
     torch.manual_seed(seed)
-    model = _build(model_name, variant, LoraConfig(r=r, lora_alpha=2.0 * r))
+    model = _build(model_name, variant, ClipLoraConfig(r=r, lora_alpha=2.0 * r))
     images, texts = floor._random_batch(model, batch_size, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 

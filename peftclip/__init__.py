@@ -19,7 +19,7 @@ _EXPORTS = {
     "BaseConfig": "models",
     "BaseModel": "models",
     "ContrastiveLoss": "losses",
-    "LoraConfig": "adapters",
+    "ClipLoraConfig": "adapters",
     "PartialConfig": "adapters",
     "StrategyConfig": "adapters",
     "TextPromptConfig": "adapters",
@@ -45,8 +45,8 @@ __all__ = [
     "AdapterSpec",
     "BaseConfig",
     "BaseModel",
+    "ClipLoraConfig",
     "ContrastiveLoss",
-    "LoraConfig",
     "PartialConfig",
     "StrategyConfig",
     "TextPromptConfig",
@@ -69,7 +69,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .adapters import (
         AdapterSpec,
-        LoraConfig,
+        ClipLoraConfig,
         PartialConfig,
         StrategyConfig,
         TextPromptConfig,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .adapters.attention import convert_attention
-from .adapters.lora import TARGETS, TOWERS, LoraConfig, lora_target_names, tower_blocks_path
+from .adapters.lora import TARGETS, TOWERS, ClipLoraConfig, lora_target_names, tower_blocks_path
 from .adapters.strategy import AdapterSpec, apply_strategy
 from .families import family_of, tower_prefix
 from .io import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, AdapterError, save_adapter
@@ -119,8 +119,8 @@ def _split_mha_lora(tensors: dict[str, torch.Tensor], peft_dir: Path) -> dict[st
 
 
 def _lora_config(model: nn.Module, names: set[str], peft_config: peft.LoraConfig, rank: int,
-                 peft_dir: Path) -> LoraConfig:
-    """The peftclip LoraConfig (towers × blocks × target_modules) adapting exactly `names` in split `model`."""
+                 peft_dir: Path) -> ClipLoraConfig:
+    """The peftclip ClipLoraConfig (towers × blocks × target_modules) adapting exactly `names` in split `model`."""
     towers, foreign = {}, {}
     for tower in TOWERS:
         family = family_of(model, tower)
@@ -144,12 +144,12 @@ def _lora_config(model: nn.Module, names: set[str], peft_config: peft.LoraConfig
         chosen.add(targets[match["target"]])
     full = all(len(indices) == len(model.get_submodule(tower_blocks_path(model, t))) for t, indices in found.items())
     blocks: Any = "all" if full else sorted(set.union(*found.values()))
-    config = LoraConfig(towers=[t for t in TOWERS if t in found], blocks=blocks,
+    config = ClipLoraConfig(towers=[t for t in TOWERS if t in found], blocks=blocks,
                         target_modules=[t for t in TARGETS if t in chosen], r=rank,
                         lora_alpha=float(peft_config.lora_alpha), lora_dropout=peft_config.lora_dropout)
     if set(lora_target_names(model, config)) != names:
         raise AdapterError(f"{peft_dir}: the {len(names)} adapted layers are not one set of blocks × projections "
-                           f"shared by the towers, which a peftclip LoraConfig needs")
+                           f"shared by the towers, which a peftclip ClipLoraConfig needs")
     return config
 
 
@@ -161,7 +161,7 @@ def import_peft_adapter(peft_dir: str | os.PathLike, base: BaseModel, output_dir
     warning about PEFT's doubled out_proj update) and on peftclip's split model
     (`apply_lora(...).save_pretrained(dir)`). The metadata names `base`, which is modified in
     place (split and wrapped) like `load_adapter` does. The LoRA layers must form one peftclip
-    `LoraConfig`: the same projections in the same blocks of each adapted tower, one rank.
+    `ClipLoraConfig`: the same projections in the same blocks of each adapted tower, one rank.
     Only open_clip's native ViT and text towers are accepted; LoRA in another family's tower
     (timm, ResNet, Hugging Face text) is refused with a message naming the layer.
 

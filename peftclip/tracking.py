@@ -277,11 +277,8 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_curves(adapter_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path | None:
-    """Write `training_curves.png` into an adapter folder; None (with the reason printed) without matplotlib."""
-    if not _installed("matplotlib"):
-        print(f"no {CURVES_NAME}: matplotlib is not installed (pip install matplotlib)")
-        return None
+def save_curves(adapter_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
+    """Write `training_curves.png` into an adapter folder."""
     return save_figure(plot_curves(metrics), Path(adapter_dir) / CURVES_NAME)
 
 

@@ -208,7 +208,7 @@ def param_group(name: str) -> str:
 def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with one group per (parameter group, decay or not) and each group's own lr and weight decay.
 
-    Biases, norms and `logit_scale` get no weight decay. With LoRA+ (`LoraConfig.loraplus_lr_ratio`),
+    Biases, norms and `logit_scale` get no weight decay. With LoRA+ (`ClipLoraConfig.loraplus_lr_ratio`),
     the LoRA parameters split as PEFT's `create_loraplus_optimizer` splits them: `lora_B` and
     one-dimensional ones (DoRA's magnitude) form the `lora_B` group at ratio × the lora group's lr.
     """

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.losses import contrastive_step, loss_for
 from peftclip.models import TINY_MODEL, BaseConfig, load_base
 from peftclip.train import TrainConfig, create_accelerator, train
@@ -27,7 +27,7 @@ GLOBAL_BATCH = 8
 
 def make_model_and_batch(model_name: str, towers: list[str]):
     base = load_base(BaseConfig(model_name=model_name))
-    model = apply_lora(base.model, LoraConfig(r=2, towers=towers), init_lora_weights=False)
+    model = apply_lora(base.model, ClipLoraConfig(r=2, towers=towers), init_lora_weights=False)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=generator)
     texts = base.tokenizer([f"caption number {i} of a test batch" for i in range(GLOBAL_BATCH)])

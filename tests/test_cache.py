@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from peftclip.adapters import (
     AdapterSpec,
-    LoraConfig,
+    ClipLoraConfig,
     PartialConfig,
     TextPromptConfig,
     apply_strategy,
@@ -26,7 +26,7 @@ CASES = {
     "freeze_vision": (AdapterSpec(partial=PartialConfig(freeze="vision")), {"vision": "trunk", "text": "live"}),
     "text_prompt": (AdapterSpec(text_prompt=TextPromptConfig(n_ctx=2)), {"vision": "full", "text": "live"}),
     "freeze_text": (AdapterSpec(partial=PartialConfig(freeze="text")), {"vision": "live", "text": "trunk"}),
-    "lora_both": (AdapterSpec(lora=LoraConfig(r=2)), {"vision": "live", "text": "live"}),
+    "lora_both": (AdapterSpec(lora=ClipLoraConfig(r=2)), {"vision": "live", "text": "live"}),
 }
 
 
@@ -109,7 +109,7 @@ def test_cached_linear_probe_matches_uncached(tmp_path):
 
 @pytest.mark.parametrize("cached", [False, True])
 @pytest.mark.parametrize("spec", [AdapterSpec(partial=PartialConfig(projections=True, logit_scale=True)),
-                                  AdapterSpec(lora=LoraConfig(r=2, towers=["vision"]),
+                                  AdapterSpec(lora=ClipLoraConfig(r=2, towers=["vision"]),
                                               partial=PartialConfig(projections=True))])
 def test_group_learning_rates_apply_with_the_cache_on_and_off(pairs, cached, spec):
     """Parameter groups come from canonical names, whatever wraps the model (PEFT, the feature cache)."""

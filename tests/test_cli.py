@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.cli import COMMANDS, main
 from peftclip.config import parse_config
 from peftclip.inference import AdaptedCLIP
@@ -51,8 +51,8 @@ def weights_files(tmp_path_factory):
 def adapter(tmp_path, weights_files):
     """A LoRA adapter trained (well, set) on the base loaded from the first weights file."""
     base = load_base(BaseConfig(pretrained=str(weights_files[0])))
-    model = apply_lora(base.model, LoraConfig(r=2), init_lora_weights=False)
-    out = save_adapter(model, tmp_path / "adapter", base.info, {"lora": LoraConfig(r=2).to_dict()})
+    model = apply_lora(base.model, ClipLoraConfig(r=2), init_lora_weights=False)
+    out = save_adapter(model, tmp_path / "adapter", base.info, {"lora": ClipLoraConfig(r=2).to_dict()})
     save_metrics(out, {"before": {"top1": 10.0}, "after": {"top1": 42.0}})
     return out
 
@@ -231,8 +231,8 @@ def test_adapter_errors_exit_2_with_one_line(case, adapter, shapes, weights_file
 def tiny_adapter(tmp_path):
     """A LoRA adapter on the default tiny base (random init, seed 0)."""
     base = load_base()
-    model = apply_lora(base.model, LoraConfig(r=2), init_lora_weights=False)
-    return save_adapter(model, tmp_path / "tiny-adapter", base.info, {"lora": LoraConfig(r=2).to_dict()})
+    model = apply_lora(base.model, ClipLoraConfig(r=2), init_lora_weights=False)
+    return save_adapter(model, tmp_path / "tiny-adapter", base.info, {"lora": ClipLoraConfig(r=2).to_dict()})
 
 
 def test_embed_writes_one_row_per_image_and_text(tiny_adapter, shapes, tmp_path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.cli import main
 from peftclip.io import SAFETENSORS_WEIGHTS_NAME, save_adapter
 from peftclip.models import load_base
@@ -31,9 +31,9 @@ sys.exit(status)
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     base = load_base()
-    model = apply_lora(base.model, LoraConfig(r=2), init_lora_weights=False)
+    model = apply_lora(base.model, ClipLoraConfig(r=2), init_lora_weights=False)
     folder = tmp_path_factory.mktemp("info") / "adapter"
-    return save_adapter(model, folder, base.info, {"lora": LoraConfig(r=2).to_dict()})
+    return save_adapter(model, folder, base.info, {"lora": ClipLoraConfig(r=2).to_dict()})
 
 
 def _info_in_a_fresh_interpreter(folder: Path) -> subprocess.CompletedProcess:

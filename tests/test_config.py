@@ -6,11 +6,11 @@ import argparse
 
 import pytest
 
-from peftclip.adapters.lora import LoraConfig
+from peftclip.adapters.lora import ClipLoraConfig
 from peftclip.config import add_config_arguments, parse_config
 from peftclip.train import TrainConfig
 
-SECTIONS = {"lora": LoraConfig, "train": TrainConfig}
+SECTIONS = {"lora": ClipLoraConfig, "train": TrainConfig}
 
 
 def _parse(argv, defaults=None):

@@ -14,7 +14,7 @@ import transformers
 from torch import nn
 
 from peftclip.adapters.attention import convert_attention
-from peftclip.adapters.lora import LoraConfig, apply_lora, lora_target_names
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora, lora_target_names
 from peftclip.adapters.partial import PartialConfig, apply_partial
 from peftclip.families import block_paths, family_of, final_norm_names, projection_name
 from peftclip.losses import ContrastiveLoss
@@ -97,7 +97,7 @@ def test_every_open_clip_model_gets_default_lora_in_both_towers():
         config = open_clip.get_model_config(name)
         for tower in ("vision", "text"):
             try:
-                found = len(lora_target_names(model, LoraConfig(towers=[tower])))
+                found = len(lora_target_names(model, ClipLoraConfig(towers=[tower])))
                 want = _expected(model, tower, config)
             except (ValueError, AssertionError) as e:
                 failures.append(f"{name} {tower}: {e}")
@@ -111,7 +111,7 @@ def test_every_open_clip_model_gets_default_lora_in_both_towers():
 TINY = {"vit": "peftclip-tiny", "timm-vit(siglip)": "peftclip-tiny-siglip",
         "timm-vit(eva02)": "peftclip-tiny-eva", "timm-convnext": "peftclip-tiny-convnext",
         "resnet": "peftclip-tiny-resnet", "hf-roberta": "peftclip-tiny-hftext"}
-ALL_TARGETS = LoraConfig(target_modules=["q", "k", "v", "out", "c_fc", "c_proj", "conv2"], r=2, lora_alpha=3.0)
+ALL_TARGETS = ClipLoraConfig(target_modules=["q", "k", "v", "out", "c_fc", "c_proj", "conv2"], r=2, lora_alpha=3.0)
 
 
 def _load(name: str):
@@ -120,7 +120,7 @@ def _load(name: str):
     return base, image_batch(base.model), texts
 
 
-def _reference(converted: nn.Module, peft_model, config: LoraConfig) -> nn.Module:
+def _reference(converted: nn.Module, peft_model, config: ClipLoraConfig) -> nn.Module:
     """A copy of the converted base whose adapted weights are W + B·A·alpha/r (convolutions: B·A over (in, kh, kw))."""
     reference = copy.deepcopy(converted)
     for name in lora_target_names(reference, config):
@@ -159,7 +159,7 @@ def test_lora_on_each_family_equals_hand_built_reference(family):
 @pytest.mark.parametrize("family", list(TINY))
 def test_one_lora_step_changes_only_lora_parameters(family):
     base, images, texts = _load(TINY[family])
-    model = apply_lora(base.model, LoraConfig(r=2), init_lora_weights=False)
+    model = apply_lora(base.model, ClipLoraConfig(r=2), init_lora_weights=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     image_features, text_features, scale = model(images, texts)[:3]
@@ -174,7 +174,7 @@ def test_one_lora_step_changes_only_lora_parameters(family):
 def test_a_target_the_family_lacks_names_the_family_and_its_targets():
     base = load_base(BaseConfig(model_name="peftclip-tiny-convnext"))
     with pytest.raises(ValueError, match=r"timm-convnext vision tower has none of the LoRA targets \['q'\]"):
-        apply_lora(base.model, LoraConfig(towers=["vision"], target_modules=["q"]))
+        apply_lora(base.model, ClipLoraConfig(towers=["vision"], target_modules=["q"]))
 
 
 @pytest.mark.usefixtures("tiny_hub")

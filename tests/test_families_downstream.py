@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from peftclip import io
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.adapters.partial import PartialConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
 from peftclip.cache import FeatureCache, cache_frozen_towers, tower_modes
@@ -31,7 +31,8 @@ TOL = 1e-5
 MERGED_TOL = 1e-4  # (W + s·BA)x rounds differently from Wx + s·B(Ax)
 FAMILIES = ["peftclip-tiny", "peftclip-tiny-siglip", "peftclip-tiny-convnext", "peftclip-tiny-resnet",
             "peftclip-tiny-eva", "peftclip-tiny-hftext"]
-SPECS = {"lora": AdapterSpec(lora=LoraConfig(r=2)), "projections": AdapterSpec(partial=PartialConfig(projections=True))}
+SPECS = {"lora": AdapterSpec(lora=ClipLoraConfig(r=2)),
+         "projections": AdapterSpec(partial=PartialConfig(projections=True))}
 TEXTS = ["a red circle", "two dogs playing in the snow"]
 
 
@@ -123,7 +124,7 @@ def test_a_rank_above_a_layer_width_warns_naming_the_layer():
     width = base.model.visual.transformer.resblocks[0].attn.out_proj.in_features
     with pytest.warns(UserWarning, match=rf"r={width + 1} is larger .* visual\.transformer\.resblocks\.0\.attn\.q_proj "
                                          rf"\(width {width}\)"):
-        apply_lora(base.model, LoraConfig(r=width + 1, towers=["vision"]))
+        apply_lora(base.model, ClipLoraConfig(r=width + 1, towers=["vision"]))
 
 
 SIGLIP = "peftclip-tiny-siglip"
@@ -140,7 +141,7 @@ def pairs(tmp_path_factory):
 def _train_siglip(pairs, towers: list[str], cached: bool, folder) -> tuple[list[float], dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     base = load_base(BaseConfig(model_name=SIGLIP))
-    model, tokenize = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2, towers=towers)), base.tokenizer)
+    model, tokenize = apply_strategy(base.model, AdapterSpec(lora=ClipLoraConfig(r=2, towers=towers)), base.tokenizer)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     data = TrainPairs(pairs, base.preprocess_val, tokenize, seed=0)
     train_model = model
@@ -159,7 +160,7 @@ def _train_siglip(pairs, towers: list[str], cached: bool, folder) -> tuple[list[
 def test_siglip_towers_are_cached_only_when_frozen_and_cached_training_matches_uncached(pairs, case, tmp_path):
     towers, modes = CACHE_CASES[case]
     base = load_base(BaseConfig(model_name=SIGLIP))
-    model, _ = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2, towers=towers)), base.tokenizer)
+    model, _ = apply_strategy(base.model, AdapterSpec(lora=ClipLoraConfig(r=2, towers=towers)), base.tokenizer)
     assert tower_modes(model) == modes  # SigLIP's `text.` tower with LoRA is live, not cached
     plain_losses, plain = _train_siglip(pairs, towers, cached=False, folder=tmp_path / "plain")
     cached_losses, cached = _train_siglip(pairs, towers, cached=True, folder=tmp_path / "cached")

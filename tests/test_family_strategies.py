@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from peftclip.adapters.heads import HeadConfig, classifier
-from peftclip.adapters.lora import LoraConfig
+from peftclip.adapters.lora import ClipLoraConfig
 from peftclip.adapters.partial import PartialConfig, tower_of
 from peftclip.adapters.prompts import TextPromptConfig, VisualPromptConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
@@ -60,7 +60,7 @@ def _shared(model: nn.Module) -> set[str]:
 
 # strategy -> (AdapterSpec for the base model, which clean parameter names one step must change)
 STRATEGIES: dict[str, tuple[Callable[[nn.Module], AdapterSpec], Callable[[nn.Module, str], bool]]] = {
-    "lora": (lambda m: AdapterSpec(lora=LoraConfig(r=2)), lambda m, n: "lora_" in n),
+    "lora": (lambda m: AdapterSpec(lora=ClipLoraConfig(r=2)), lambda m, n: "lora_" in n),
     "full": (lambda m: AdapterSpec(partial=PartialConfig(full=True)), lambda m, n: not n.startswith("peftclip_")),
     "freeze_vision": (lambda m: AdapterSpec(partial=PartialConfig(freeze="vision")),
                       lambda m, n: tower_of(n) == "text" or _under(n, _projections(m))),

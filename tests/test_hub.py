@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from safetensors.torch import save_file
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.cli import main
 from peftclip.hub import (
     create_model_card,
@@ -30,7 +30,7 @@ from peftclip.models import BaseConfig, load_base
 from peftclip.utils import human_size
 from tests.conftest import image_batch
 
-CONFIG = LoraConfig(r=2, lora_alpha=6.0)
+CONFIG = ClipLoraConfig(r=2, lora_alpha=6.0)
 
 
 TRAINING = {"train": {"lr": 0.003, "epochs": 5, "batch_size": 64}, "data": {"source": "/data/captions.csv"}}

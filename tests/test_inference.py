@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import peftclip.inference as inference
 from peftclip.adapters.heads import CLASSIFIER_NAME, HeadConfig, classifier
-from peftclip.adapters.lora import LoraConfig
+from peftclip.adapters.lora import ClipLoraConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy, inner_model
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import SAFETENSORS_WEIGHTS_NAME, AdapterError, load_adapter, save_adapter
@@ -29,9 +29,9 @@ TEXTS = ["a red circle", "a blue square", "two green triangles", "a small yellow
 CLASS_NAMES = ["circle", "square", "triangle"]
 SPECS = {name: spec for name, (spec, _) in STRATEGY_CASES.items()}
 SPECS["head"] = AdapterSpec(head=HeadConfig(n_classes=3, init="random"))
-SPECS["lora_and_head"] = AdapterSpec(lora=LoraConfig(r=2, towers=["vision"]), head=HeadConfig(n_classes=3,
+SPECS["lora_and_head"] = AdapterSpec(lora=ClipLoraConfig(r=2, towers=["vision"]), head=HeadConfig(n_classes=3,
                                                                                                init="random"))
-SPECS["second_lora"] = AdapterSpec(lora=LoraConfig(r=4, towers=["vision"], target_modules=["q", "c_fc"]))
+SPECS["second_lora"] = AdapterSpec(lora=ClipLoraConfig(r=4, towers=["vision"], target_modules=["q", "c_fc"]))
 
 
 def _outputs(model, tokenize):

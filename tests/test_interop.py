@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import peftclip.interop  # noqa: F401  (registers the tiny config, as peftclip.models does)
-from peftclip.adapters.lora import LoraConfig, apply_lora, lora_target_names
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora, lora_target_names
 from peftclip.adapters.partial import PartialConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
 from peftclip.cli import main
@@ -25,10 +25,10 @@ TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
 
 REGEX_CASES = [
-    LoraConfig(),
-    LoraConfig(towers=["vision"], blocks=1, target_modules=["q", "c_fc"]),
-    LoraConfig(towers=["text"], blocks=[0, -1], target_modules=["out"]),
-    LoraConfig(blocks=[1], target_modules=["k", "v", "c_proj"]),
+    ClipLoraConfig(),
+    ClipLoraConfig(towers=["vision"], blocks=1, target_modules=["q", "c_fc"]),
+    ClipLoraConfig(towers=["text"], blocks=[0, -1], target_modules=["out"]),
+    ClipLoraConfig(blocks=[1], target_modules=["k", "v", "c_proj"]),
 ]
 
 
@@ -55,7 +55,7 @@ def test_compact_regex_adapts_exactly_the_named_layers(any_base, config):
     assert len(peft_model.peft_config["default"].target_modules) < 200
 
 
-def _save(tmp_path: Path, config: LoraConfig, partial: PartialConfig | None = None) -> tuple[Path, torch.nn.Module]:
+def _save(tmp_path: Path, config: ClipLoraConfig, partial: PartialConfig | None = None) -> tuple[Path, torch.nn.Module]:
     """A peftclip adapter with non-zero LoRA on the tiny base; returns the folder and the adapted model."""
     base = load_base(BaseConfig())
     spec = AdapterSpec(lora=config, partial=partial)
@@ -80,7 +80,7 @@ def _peft_load(model, folder) -> tuple[torch.nn.Module, list[str]]:
 
 @pytest.mark.parametrize("targets", [["q", "c_fc"], ["out", "c_proj"], ["k", "v"]])
 def test_plain_peft_warns_on_an_unprepared_model(tmp_path, targets):
-    folder, _ = _save(tmp_path, LoraConfig(target_modules=targets))
+    folder, _ = _save(tmp_path, ClipLoraConfig(target_modules=targets))
     try:
         _, messages = _peft_load(_plain_tiny(), folder)
     except ValueError as e:  # nothing matches at all: PEFT refuses
@@ -90,7 +90,7 @@ def test_plain_peft_warns_on_an_unprepared_model(tmp_path, targets):
     assert not any("peftclip" in m for m in messages), messages
 
 
-@pytest.mark.parametrize("config", [LoraConfig(), LoraConfig(target_modules=["c_fc", "c_proj"])], ids=repr)
+@pytest.mark.parametrize("config", [ClipLoraConfig(), ClipLoraConfig(target_modules=["c_fc", "c_proj"])], ids=repr)
 def test_prepared_plain_peft_gives_load_adapter_outputs(tmp_path, config):
     folder, _ = _save(tmp_path, config)
     want_base = load_base(BaseConfig())
@@ -106,7 +106,8 @@ def test_prepared_plain_peft_gives_load_adapter_outputs(tmp_path, config):
 
 
 def test_plain_peft_warns_about_tensors_it_does_not_load(tmp_path):
-    folder, _ = _save(tmp_path, LoraConfig(target_modules=["c_fc"]), PartialConfig(projections=True, logit_scale=True))
+    folder, _ = _save(tmp_path, ClipLoraConfig(target_modules=["c_fc"]),
+                      PartialConfig(projections=True, logit_scale=True))
     _, messages = _peft_load(prepare_for_peft(_plain_tiny()), folder)
     assert any("logit_scale" in m and "text_projection" in m and "peftclip.load_adapter" in m for m in messages)
 
@@ -119,7 +120,7 @@ def test_readme_plain_peft_block_matches_load_adapter(tmp_path, monkeypatch):
     block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     assert "peft.PeftModel.from_pretrained(peftclip.prepare_for_peft(" in block
     (tmp_path / "outputs").mkdir()
-    _save(tmp_path / "outputs", LoraConfig(target_modules=["q", "out", "c_fc"]))
+    _save(tmp_path / "outputs", ClipLoraConfig(target_modules=["q", "out", "c_fc"]))
     (tmp_path / "outputs" / "adapter").rename(tmp_path / "outputs" / "lora_retrieval")
     for name, colour in (("a.jpg", "red"), ("b.jpg", "blue")):
         Image.new("RGB", (40, 30), colour).save(tmp_path / name)
@@ -167,7 +168,7 @@ def test_import_reproduces_the_peft_model(tmp_path, targets, warns):
 
 def test_apply_lora_save_pretrained_imports_and_loads(tmp_path):
     base = load_base(BaseConfig())
-    config = LoraConfig(towers=["vision"], blocks=1, target_modules=["q", "v", "c_proj"], r=3)
+    config = ClipLoraConfig(towers=["vision"], blocks=1, target_modules=["q", "v", "c_proj"], r=3)
     model = apply_lora(base.model, config, init_lora_weights=False)
     model.save_pretrained(str(tmp_path / "peft"))
     images, texts = image_batch(base.model), text_batch(base)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import (
     ADAPTER_CONFIG_NAME,
@@ -34,7 +34,7 @@ from peftclip.io import (
 from peftclip.models import BaseConfig, file_sha256, load_base
 from tests.conftest import image_batch, text_batch
 
-CONFIG = LoraConfig(r=2)
+CONFIG = ClipLoraConfig(r=2)
 
 
 @pytest.fixture
@@ -161,15 +161,15 @@ def test_a_second_run_on_one_output_folder_is_refused_with_the_first_ones_pid(tm
 
 _FULL_DISK = """
 import resource, signal, sys
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.io import save_adapter
 from peftclip.models import load_base
 base = load_base()
-model = apply_lora(base.model, LoraConfig(r=2))
+model = apply_lora(base.model, ClipLoraConfig(r=2))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 try:
-    save_adapter(model, sys.argv[1], base.info, {"lora": LoraConfig(r=2).to_dict()})
+    save_adapter(model, sys.argv[1], base.info, {"lora": ClipLoraConfig(r=2).to_dict()})
 except OSError as e:
     print(f"error: {e}")
     sys.exit(2)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from safetensors.torch import load_file
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.losses import ContrastiveLoss, clamp_logit_scale, contrastive_step, loss_for
 from peftclip.models import BaseConfig, load_base
 from tests import hf_cache
@@ -72,7 +72,7 @@ def test_matched_pairs_give_lower_loss_than_shuffled(bias):
 
 
 def _lora(base):
-    return apply_lora(base.model, LoraConfig(r=2, towers=["text"]), init_lora_weights=False)
+    return apply_lora(base.model, ClipLoraConfig(r=2, towers=["text"]), init_lora_weights=False)
 
 
 # model name -> the loss it was trained with

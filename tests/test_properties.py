@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from peftclip.adapters.lora import TARGETS, TOWERS, LoraConfig
+from peftclip.adapters.lora import TARGETS, TOWERS, ClipLoraConfig
 from peftclip.data import DataConfig, DataError, load_pairs
 from peftclip.train import MIXED_PRECISION, PARAM_GROUPS, TrainConfig
 
@@ -41,13 +41,13 @@ INVALID_LORA = {
 
 @given(VALID_LORA)
 def test_lora_config_parser_accepts_every_valid_input_and_round_trips(fields):
-    config = LoraConfig.from_dict(fields)
+    config = ClipLoraConfig.from_dict(fields)
     towers = fields.get("towers", "both")
     assert config.towers == (list(TOWERS) if towers == "both" else [towers] if isinstance(towers, str) else towers)
     for name in ("blocks", "target_modules", "r", "lora_alpha", "lora_dropout"):
         if name in fields:
             assert getattr(config, name) == fields[name], name
-    assert LoraConfig.from_dict(config.to_dict()) == config  # the adapter_config.json round trip
+    assert ClipLoraConfig.from_dict(config.to_dict()) == config  # the adapter_config.json round trip
 
 
 VALID_TRAIN = st.fixed_dictionaries({}, optional={
@@ -83,7 +83,7 @@ def test_train_config_parser_accepts_every_valid_input_and_round_trips(fields):
     assert TrainConfig.from_dict(config.to_dict()) == config
 
 
-CONFIGS = {"lora": (LoraConfig, VALID_LORA, INVALID_LORA), "train": (TrainConfig, VALID_TRAIN, INVALID_TRAIN)}
+CONFIGS = {"lora": (ClipLoraConfig, VALID_LORA, INVALID_LORA), "train": (TrainConfig, VALID_TRAIN, INVALID_TRAIN)}
 
 
 @pytest.mark.parametrize("section", CONFIGS)
@@ -101,9 +101,9 @@ def test_config_parser_refuses_an_invalid_field_and_names_it(section, data):
 # Found by the properties above once they were allowed to fail: non-finite numbers and an empty block list
 # passed validation (comparisons with < and <= let NaN and inf through).
 @pytest.mark.parametrize(("cls", "fields", "word"), [
-    (LoraConfig, {"lora_alpha": float("nan")}, "lora_alpha"),
-    (LoraConfig, {"lora_alpha": float("inf")}, "lora_alpha"),
-    (LoraConfig, {"blocks": []}, "blocks"),
+    (ClipLoraConfig, {"lora_alpha": float("nan")}, "lora_alpha"),
+    (ClipLoraConfig, {"lora_alpha": float("inf")}, "lora_alpha"),
+    (ClipLoraConfig, {"blocks": []}, "blocks"),
     (TrainConfig, {"lr": float("inf")}, "lr"),
     (TrainConfig, {"group_lr": {"lora": float("nan")}}, "group_lr"),
 ])

@@ -103,14 +103,14 @@ def data_folder(tmp_path, monkeypatch):
 def user_folder(data_folder):
     """The folder as the README's reader has it after training: a tiny LoRA adapter at outputs/lora_retrieval, a
     classification adapter at outputs/pets, and someone/cars-lora (revision v1) in the Hub cache."""
-    from peftclip.adapters.lora import LoraConfig, apply_lora
+    from peftclip.adapters.lora import ClipLoraConfig, apply_lora
     from peftclip.io import save_adapter
     from peftclip.models import load_base
 
     base = load_base()
-    model = apply_lora(base.model, LoraConfig(r=2), init_lora_weights=False)
+    model = apply_lora(base.model, ClipLoraConfig(r=2), init_lora_weights=False)
     adapter = save_adapter(model, data_folder / "outputs" / "lora_retrieval", base.info,
-                           {"lora": LoraConfig(r=2).to_dict()})
+                           {"lora": ClipLoraConfig(r=2).to_dict()})
     _fill_cache(data_folder / "hub-cache", "someone/cars-lora", {p.name: p.read_bytes() for p in adapter.iterdir()},
                 revision="v1")
     # zero-shot classes through LoRA (no head), so the block can also merge, interpolate and export it

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.io import lock_output_dir
 from peftclip.models import load_base
 from peftclip.recipes import lora_retrieval
@@ -154,7 +154,7 @@ def test_resume_reports_where_it_resumed_from(tmp_path, capsys):
 def test_fp16_overflow_steps_are_skipped_by_the_scaler_not_fatal(tmp_path):
     """With a GradScaler (fp16), overflowing steps are normal: skipped and counted, and the run goes on."""
     base = load_base()
-    model = apply_lora(base.model, LoraConfig(r=2))
+    model = apply_lora(base.model, ClipLoraConfig(r=2))
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     data = TensorDataset(images, base.tokenizer([f"pair {i}" for i in range(16)]))
     config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=8, max_steps=8, num_workers=0, cpu=True,

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.checkpoint import ResumeError, find_latest_checkpoint
 from peftclip.losses import contrastive_step
 from peftclip.models import load_base
@@ -29,7 +29,7 @@ N_PAIRS = 32
 
 def _setup(tmp_path, **overrides):
     base = load_base()
-    model = apply_lora(base.model, LoraConfig(r=2, lora_dropout=0.1))
+    model = apply_lora(base.model, ClipLoraConfig(r=2, lora_dropout=0.1))
     generator = torch.Generator().manual_seed(3)
     images = torch.randn(N_PAIRS, 3, 32, 32, generator=generator)
     texts = base.tokenizer([f"pair number {i}" for i in range(N_PAIRS)])
@@ -129,7 +129,7 @@ def test_parameter_groups_get_their_own_lr_and_no_decay_on_biases_and_scale():
     from peftclip.train import create_optimizer
 
     base = load_base()
-    model, _ = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2),
+    model, _ = apply_strategy(base.model, AdapterSpec(lora=ClipLoraConfig(r=2),
                                                       partial=PartialConfig(projections=True, logit_scale=True,
                                                                             last_blocks=1)))
     config = TrainConfig(lr=1e-3, weight_decay=0.1, group_lr={"lora": 5e-3, "projections": 2e-2},
@@ -159,7 +159,7 @@ OOM_SCRIPT = """
 import dataclasses, resource, sys
 import torch
 from torch.utils.data import TensorDataset
-from peftclip.adapters.lora import LoraConfig, apply_lora
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora
 from peftclip.models import load_base
 from peftclip.recipe import recipe_parser, run_recipe
 from peftclip.recipes import lora_retrieval
@@ -167,7 +167,7 @@ from peftclip.train import train
 
 def training_function(config, accelerator):
     base = load_base()
-    model = apply_lora(base.model, LoraConfig(r=2))
+    model = apply_lora(base.model, ClipLoraConfig(r=2))
     n = config["train"].batch_size
     data = TensorDataset(torch.zeros(n, 3, 32, 32), base.tokenizer(["a pair"] * n))
     size = next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]

@@ -1,7 +1,7 @@
 """Adapter methods, one module each, with their config dataclass beside the code."""
 
 from .attention import SplitMultiheadAttention, convert_attention
-from .lora import LoraConfig, apply_lora, lora_parameter_count
+from .lora import ClipLoraConfig, apply_lora, lora_parameter_count
 from .partial import PartialConfig, apply_partial
 from .prompts import (
     TextPromptConfig,
@@ -13,7 +13,7 @@ from .strategy import AdapterSpec, StrategyConfig, apply_strategy, inner_model
 
 __all__ = [
     "AdapterSpec",
-    "LoraConfig",
+    "ClipLoraConfig",
     "PartialConfig",
     "SplitMultiheadAttention",
     "StrategyConfig",

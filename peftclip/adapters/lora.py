@@ -23,7 +23,7 @@ from ..families import FAMILIES, TOWERS, block_paths, family_of, tower_prefix
 from ..utils import ConfigMixin
 from .attention import convert_attention
 
-__all__ = ["INIT_LORA", "LORA_TARGETS", "MUTATING_INITS", "LoraConfig", "TARGETS", "TOWERS", "apply_lora",
+__all__ = ["INIT_LORA", "LORA_TARGETS", "MUTATING_INITS", "TARGETS", "TOWERS", "ClipLoraConfig", "apply_lora",
            "lora_parameter_count", "lora_target_names", "tower_blocks_path"]
 
 # The shared target names and their paths inside a native open_clip block after `convert_attention`.
@@ -38,8 +38,12 @@ _NATIVE = ("vit", "text")  # families whose unsplit attention plain PEFT would s
 
 
 @dataclass
-class LoraConfig(ConfigMixin):
-    """Where LoRA goes in an open_clip model and how large it is."""
+class ClipLoraConfig(ConfigMixin):
+    """Where LoRA goes in an open_clip model and how large it is.
+
+    Named apart from `peft.LoraConfig` (which `to_peft_config` builds from it), so importing
+    both never shadows one with the other.
+    """
 
     section: ClassVar[str] = "lora"
 
@@ -114,7 +118,7 @@ def _block_indices(blocks: str | int | list[int], n_blocks: int, tower: str) -> 
     return sorted(set(indices))
 
 
-def lora_target_names(model: nn.Module, config: LoraConfig) -> list[str]:
+def lora_target_names(model: nn.Module, config: ClipLoraConfig) -> list[str]:
     """Full names of the layers `config` puts LoRA on, in a converted `model`, tower by tower, block by block.
 
     Each tower adapts the targets its family has; a tower whose family has none of them is an error.
@@ -168,7 +172,7 @@ def tower_blocks_path(model: nn.Module, tower: str) -> str:
     return tower_prefix(model, tower) + family.blocks[0]
 
 
-def lora_parameter_count(model: nn.Module, config: LoraConfig) -> int:
+def lora_parameter_count(model: nn.Module, config: ClipLoraConfig) -> int:
     """Trainable parameters LoRA adds: r·(in + out) per linear layer, r·(in·kh·kw + out) per convolution."""
     convert_attention(model)
     total = 0
@@ -239,7 +243,7 @@ def _target_regex(model: nn.Module, names: list[str], towers: list[str]) -> str:
     return regex
 
 
-def _unsplit_guard(config: LoraConfig) -> dict[str, Any]:
+def _unsplit_guard(config: ClipLoraConfig) -> dict[str, Any]:
     """PEFT settings, inert on a split model, that make plain PEFT warn on an unsplit one.
 
     PEFT 0.21 only raises when a config matches nothing, so an unsplit model (whose module
@@ -257,8 +261,8 @@ def _unsplit_guard(config: LoraConfig) -> dict[str, Any]:
     return {}  # MLP-only: open_clip's own modules, correct with or without the split
 
 
-def to_peft_config(model: nn.Module, config: LoraConfig, **overrides: Any) -> peft.LoraConfig:
-    """PEFT's LoraConfig targeting exactly the layers `config` names, as one short anchored regex.
+def to_peft_config(model: nn.Module, config: ClipLoraConfig, **overrides: Any) -> peft.LoraConfig:
+    """PEFT's ClipLoraConfig targeting exactly the layers `config` names, as one short anchored regex.
 
     The regex is readable in `adapter_config.json`, e.g. for all blocks of both towers
     `^(?:(?:visual\\.transformer\\.resblocks|transformer\\.resblocks)\\.\\d+)\\.(?:attn\\.q_proj|...)$`.
@@ -278,7 +282,7 @@ def to_peft_config(model: nn.Module, config: LoraConfig, **overrides: Any) -> pe
                            target_modules=_target_regex(model, names, config.towers), bias="none", **settings)
 
 
-def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+def apply_lora(model: nn.Module, config: ClipLoraConfig, adapter_name: str = "default",
                **peft_overrides: Any) -> peft.PeftModel:
     """Convert `model`'s attention to split projections and wrap it with a PEFT LoRA adapter.
 
@@ -289,7 +293,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     With `loraplus_lr_ratio`, `train.create_optimizer` gives B that ratio of A's learning rate.
 
     >>> from peftclip.models import load_base
-    >>> peft_model = apply_lora(load_base().model, LoraConfig(r=4))
+    >>> peft_model = apply_lora(load_base().model, ClipLoraConfig(r=4))
     >>> sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     18432
     """
@@ -302,7 +306,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     return peft_model
 
 
-def _warn_rank_above_width(model: nn.Module, config: LoraConfig) -> None:
+def _warn_rank_above_width(model: nn.Module, config: ClipLoraConfig) -> None:
     """Warn when `r` exceeds a targeted layer's smaller dimension: the extra rank only adds parameters."""
     narrow = []
     for name in lora_target_names(model, config):

@@ -13,7 +13,7 @@ from .attention import convert_attention
 from .clip_adapter import ClipAdapterConfig, attach_clip_adapter
 from .cocoop import attach_cocoop_prompt
 from .heads import HeadConfig, attach_head
-from .lora import LoraConfig, apply_lora
+from .lora import ClipLoraConfig, apply_lora
 from .maple import MapleConfig, attach_maple_prompt
 from .partial import PartialConfig, apply_partial
 from .prompts import (
@@ -84,7 +84,7 @@ def _attach_maple(inner: nn.Module, config: MapleConfig, context: dict[str, Any]
 
 # Every method, in the order apply_strategy applies them; AdapterSpec has one field per name.
 METHODS: dict[str, MethodEntry] = {
-    "lora": MethodEntry(LoraConfig, None),
+    "lora": MethodEntry(ClipLoraConfig, None),
     "partial": MethodEntry(PartialConfig, lambda inner, config, _: apply_partial(inner, config)),
     "text_prompt": MethodEntry(TextPromptConfig, _attach_text_prompt),
     "visual_prompt": MethodEntry(VisualPromptConfig, lambda inner, config, _: attach_visual_prompt(inner, config)),
@@ -99,7 +99,7 @@ METHODS: dict[str, MethodEntry] = {
 class AdapterSpec:
     """The methods applied to a base and their settings; None means the method is off."""
 
-    lora: LoraConfig | None = None
+    lora: ClipLoraConfig | None = None
     partial: PartialConfig | None = None
     text_prompt: TextPromptConfig | None = None
     visual_prompt: VisualPromptConfig | None = None
@@ -174,7 +174,7 @@ def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | No
 
     >>> from peftclip.models import load_base
     >>> base = load_base()
-    >>> model, tokenize = apply_strategy(base.model, AdapterSpec(lora=LoraConfig()), base.tokenizer)
+    >>> model, tokenize = apply_strategy(base.model, AdapterSpec(lora=ClipLoraConfig()), base.tokenizer)
     >>> type(model).__name__, tokenize is base.tokenizer
     ('PeftModel', True)
     """

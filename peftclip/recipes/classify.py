@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 
 from peftclip.adapters import (
     AdapterSpec,
-    LoraConfig,
+    ClipLoraConfig,
     PartialConfig,
     StrategyConfig,
     TextPromptConfig,
@@ -93,7 +93,7 @@ class ClassifyConfig(ConfigMixin):
 
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "classify": ClassifyConfig, "strategy": StrategyConfig,
-            "lora": LoraConfig, "partial": PartialConfig, "text_prompt": TextPromptConfig,
+            "lora": ClipLoraConfig, "partial": PartialConfig, "text_prompt": TextPromptConfig,
             "visual_prompt": VisualPromptConfig, "head": HeadConfig, "clip_adapter": ClipAdapterConfig,
             "maple": MapleConfig, "train": TrainConfig}
 # A head learns from image features alone, so LoRA goes on the image tower by default.

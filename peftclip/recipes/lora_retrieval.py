@@ -17,7 +17,7 @@ import sys
 
 from peftclip.adapters import (
     AdapterSpec,
-    LoraConfig,
+    ClipLoraConfig,
     PartialConfig,
     StrategyConfig,
     TextPromptConfig,
@@ -51,7 +51,7 @@ from peftclip.train import (
 )
 from peftclip.utils import cache_root
 
-SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig, "lora": LoraConfig,
+SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig, "lora": ClipLoraConfig,
             "partial": PartialConfig, "text_prompt": TextPromptConfig, "visual_prompt": VisualPromptConfig,
             "clip_adapter": ClipAdapterConfig, "maple": MapleConfig, "train": TrainConfig}
 # The built-in default: tiny random base, LoRA, the generated shapes task (peftclip/synthetic.py).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from peftclip.adapters.clip_adapter import CLIP_ADAPTER_NAME, ClipAdapterConfig
-from peftclip.adapters.lora import LoraConfig
+from peftclip.adapters.lora import ClipLoraConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, save_adapter
@@ -71,10 +71,10 @@ def test_save_load_gives_the_same_outputs(saved):
 
 def test_adapted_clip_switches_between_it_and_lora(saved, tmp_path):
     base = load_base()
-    lora, _ = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2)), init_lora_weights=False)
+    lora, _ = apply_strategy(base.model, AdapterSpec(lora=ClipLoraConfig(r=2)), init_lora_weights=False)
     lora_out = _encode(lora, base)
     clip = AdaptedCLIP(load_base())
-    clip.load_adapter(save_adapter(lora, tmp_path / "lora", base.info, {"lora": LoraConfig(r=2).to_dict()}), "lora")
+    clip.load_adapter(save_adapter(lora, tmp_path / "lora", base.info, {"lora": ClipLoraConfig(r=2).to_dict()}), "lora")
     clip.load_adapter(saved[0], "mlp")
     for name, want in (("mlp", saved[1]), ("lora", lora_out), ("mlp", saved[1])):
         clip.set_adapter(name)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftclip.adapters import AdapterSpec, LoraConfig, PartialConfig, apply_strategy
+from peftclip.adapters import AdapterSpec, ClipLoraConfig, PartialConfig, apply_strategy
 from peftclip.adapters.heads import HeadConfig, classifier, zero_shot_weights
 from peftclip.io import load_adapter, save_adapter
 from peftclip.losses import cross_entropy_step
@@ -40,7 +40,7 @@ def test_zero_shot_initialised_head_predicts_like_zero_shot():
 
 HEAD_CASES = {
     "linear_probe": (AdapterSpec(head=HeadConfig(n_classes=3)), lambda n: n.startswith("peftclip_head")),
-    "lora_and_head": (AdapterSpec(lora=LoraConfig(r=2, towers=["vision"]), head=HeadConfig(n_classes=3)),
+    "lora_and_head": (AdapterSpec(lora=ClipLoraConfig(r=2, towers=["vision"]), head=HeadConfig(n_classes=3)),
                       lambda n: n.startswith("peftclip_head") or "lora_" in n),
     "last_block_and_head": (AdapterSpec(partial=PartialConfig(last_blocks=1, block_towers=["vision"]),
                                         head=HeadConfig(n_classes=3)),

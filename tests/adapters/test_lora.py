@@ -8,21 +8,22 @@ import pytest
 import torch
 
 from peftclip.adapters.attention import convert_attention
-from peftclip.adapters.lora import TARGETS, LoraConfig, apply_lora, lora_target_names
+from peftclip.adapters.lora import TARGETS, ClipLoraConfig, apply_lora, lora_target_names
+from peftclip.models import load_base
 from tests.conftest import image_batch, text_batch
 
 TOL = 1e-5
 
 LORA_CASES = [
-    LoraConfig(),
-    LoraConfig(towers=["vision"], target_modules=["q"], r=2, lora_alpha=3.0),
-    LoraConfig(towers=["text"], target_modules=["out"], r=8, lora_alpha=16.0),
-    LoraConfig(blocks=1, target_modules=["k", "v", "c_fc"], r=3, lora_alpha=5.0),
-    LoraConfig(blocks=[0, -1], target_modules=["out", "c_proj"]),
+    ClipLoraConfig(),
+    ClipLoraConfig(towers=["vision"], target_modules=["q"], r=2, lora_alpha=3.0),
+    ClipLoraConfig(towers=["text"], target_modules=["out"], r=8, lora_alpha=16.0),
+    ClipLoraConfig(blocks=1, target_modules=["k", "v", "c_fc"], r=3, lora_alpha=5.0),
+    ClipLoraConfig(blocks=[0, -1], target_modules=["out", "c_proj"]),
 ]
 
 
-def _reference(converted, peft_model, config: LoraConfig):
+def _reference(converted, peft_model, config: ClipLoraConfig):
     """A plain copy of the converted base whose targeted weights are W + B·A·alpha/r."""
     reference = copy.deepcopy(converted)
     for name in lora_target_names(reference, config):
@@ -52,7 +53,7 @@ def test_lora_outputs_equal_hand_built_reference(any_base, config):
                 assert not torch.allclose(got, base, atol=1e-4), f"{encode}: the adapter had no effect"
 
 
-def _expected_count(width: int, mlp_width: int, n_blocks: int, config: LoraConfig) -> int:
+def _expected_count(width: int, mlp_width: int, n_blocks: int, config: ClipLoraConfig) -> int:
     """r·(in + out) for each targeted layer, written out from the architecture."""
     dims = {"q": (width, width), "k": (width, width), "v": (width, width), "out": (width, width),
             "c_fc": (width, mlp_width), "c_proj": (mlp_width, width)}
@@ -80,7 +81,7 @@ def test_trainable_parameter_count_matches_formula(any_base, config):
 
 
 def test_lora_targets_only_named_blocks_and_projections(tiny_base):
-    config = LoraConfig(towers=["vision"], blocks=[1], target_modules=["q", "c_fc"])
+    config = ClipLoraConfig(towers=["vision"], blocks=[1], target_modules=["q", "c_fc"])
     peft_model = apply_lora(tiny_base.model, config)
     adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == {"visual.transformer.resblocks.1.attn.q_proj", "visual.transformer.resblocks.1.mlp.c_fc"}
@@ -99,15 +100,28 @@ INVALID_CONFIGS = [
 @pytest.mark.parametrize(("kwargs", "message"), INVALID_CONFIGS)
 def test_invalid_config_is_rejected_with_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
-        LoraConfig(**kwargs)
+        ClipLoraConfig(**kwargs)
 
 
 @pytest.mark.parametrize(("blocks", "message"), [([5], "block index 5 is out of range"), (3, "has only 2 blocks")])
 def test_block_out_of_range_names_the_index(tiny_base, blocks, message):
     with pytest.raises(ValueError, match=message):
-        apply_lora(tiny_base.model, LoraConfig(blocks=blocks))
+        apply_lora(tiny_base.model, ClipLoraConfig(blocks=blocks))
 
 
 def test_towers_both_means_vision_and_text():
-    assert LoraConfig(towers="both").towers == ["vision", "text"]
+    assert ClipLoraConfig(towers="both").towers == ["vision", "text"]
     assert set(TARGETS) == {"q", "k", "v", "out", "c_fc", "c_proj"}
+
+
+def test_peftclips_lora_config_never_shadows_peft_lora_config():
+    import peft
+
+    import peftclip
+    from peftclip.adapters.lora import to_peft_config
+    assert "LoraConfig" not in peftclip.__all__ and not hasattr(peftclip, "LoraConfig")
+    namespace: dict = {}
+    exec("from peft import *\nfrom peftclip import *", namespace)
+    assert namespace["LoraConfig"] is peft.LoraConfig and namespace["ClipLoraConfig"] is peftclip.ClipLoraConfig
+    base = load_base()
+    assert isinstance(to_peft_config(base.model, peftclip.ClipLoraConfig(r=2)), peft.LoraConfig)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peftclip.adapters.attention import convert_attention
-from peftclip.adapters.lora import LoraConfig, apply_lora, lora_target_names
+from peftclip.adapters.lora import ClipLoraConfig, apply_lora, lora_target_names
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, save_adapter
@@ -25,7 +25,7 @@ def _encode(model, base):
         return torch.cat([model.encode_image(image_batch(model)), model.encode_text(text_batch(base))])
 
 
-def _adapted(base, config: LoraConfig, **overrides):
+def _adapted(base, config: ClipLoraConfig, **overrides):
     """(converted base copy, PEFT model) with random non-zero A, B and (DoRA) magnitude."""
     convert_attention(base.model)
     original = copy.deepcopy(base.model)
@@ -43,7 +43,7 @@ def _lora(model, name):
     return layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
 
 
-def _reference(original, model, config: LoraConfig, weight):
+def _reference(original, model, config: ClipLoraConfig, weight):
     """A plain copy of the base whose targeted weights are `weight(W, B·A, layer)`."""
     reference = copy.deepcopy(original)
     with torch.no_grad():
@@ -69,7 +69,7 @@ FORMULAS = {
 @pytest.mark.parametrize("variant", FORMULAS)
 def test_variant_outputs_equal_hand_built_formula(tiny_base, variant):
     flags, formula = FORMULAS[variant]
-    config = LoraConfig(**CONFIG, **flags)
+    config = ClipLoraConfig(**CONFIG, **flags)
     original, model = _adapted(tiny_base, config, init_lora_weights=False)
     got, want = _encode(model, tiny_base), _encode(_reference(original, model, config, formula), tiny_base)
     assert torch.allclose(got, want, atol=TOL, rtol=0), (got - want).abs().max()
@@ -77,7 +77,7 @@ def test_variant_outputs_equal_hand_built_formula(tiny_base, variant):
 
 
 def test_pissa_starts_from_the_top_r_singular_part(tiny_base):
-    config = LoraConfig(**CONFIG, init_lora="pissa")
+    config = ClipLoraConfig(**CONFIG, init_lora="pissa")
     convert_attention(tiny_base.model)
     original = copy.deepcopy(tiny_base.model)
     model = apply_lora(tiny_base.model, config)
@@ -93,7 +93,7 @@ def test_pissa_starts_from_the_top_r_singular_part(tiny_base):
 
 
 def test_loraplus_gives_b_the_ratio_of_a_learning_rate(tiny_base):
-    model = apply_lora(tiny_base.model, LoraConfig(**CONFIG, loraplus_lr_ratio=16.0))
+    model = apply_lora(tiny_base.model, ClipLoraConfig(**CONFIG, loraplus_lr_ratio=16.0))
     optimizer = create_optimizer(model, TrainConfig(lr=1e-3, group_lr={"lora": 2e-3}))
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs == {"lora": 2e-3, "lora_B": 2e-3 * 16.0}
@@ -105,12 +105,12 @@ def test_loraplus_gives_b_the_ratio_of_a_learning_rate(tiny_base):
 @pytest.mark.parametrize("value", [0.0, -2.0])
 def test_loraplus_ratio_must_be_positive(value):
     with pytest.raises(ValueError, match=f"loraplus_lr_ratio={value}"):
-        LoraConfig(loraplus_lr_ratio=value)
+        ClipLoraConfig(loraplus_lr_ratio=value)
 
 
 def test_unknown_init_is_refused():
     with pytest.raises(ValueError, match="init_lora='svd'.*pissa"):
-        LoraConfig(init_lora="svd")
+        ClipLoraConfig(init_lora="svd")
 
 
 VARIANTS = {"dora": dict(use_dora=True), "rslora": dict(use_rslora=True), "pissa": dict(init_lora="pissa"),
@@ -123,7 +123,7 @@ def saved(tmp_path_factory):
     folder, out = tmp_path_factory.mktemp("variants"), {}
     for name, flags in VARIANTS.items():
         base = load_base()
-        spec = AdapterSpec(lora=LoraConfig(**CONFIG, **flags))
+        spec = AdapterSpec(lora=ClipLoraConfig(**CONFIG, **flags))
         _, model = _adapted(base, spec.lora)
         out[name] = save_adapter(model, folder / name, base.info, spec.to_dict()), _encode(model, base)
     return out
@@ -139,10 +139,11 @@ def test_variant_saves_and_loads_to_the_same_outputs(saved, variant):
 @pytest.mark.parametrize("variant", ["dora", "rslora"])
 def test_variant_switches_and_merges_in_adapted_clip(saved, tmp_path, variant):
     base = load_base()
-    plain, _ = apply_strategy(base.model, AdapterSpec(lora=LoraConfig(r=2)), init_lora_weights=False)
+    plain, _ = apply_strategy(base.model, AdapterSpec(lora=ClipLoraConfig(r=2)), init_lora_weights=False)
     plain_out = _encode(plain, base)
     clip = AdaptedCLIP(load_base())
-    clip.load_adapter(save_adapter(plain, tmp_path / "plain", base.info, {"lora": LoraConfig(r=2).to_dict()}), "plain")
+    plain_dir = save_adapter(plain, tmp_path / "plain", base.info, {"lora": ClipLoraConfig(r=2).to_dict()})
+    clip.load_adapter(plain_dir, "plain")
     clip.load_adapter(saved[variant][0], "variant")
     for name, want in (("variant", saved[variant][1]), ("plain", plain_out), ("variant", saved[variant][1])):
         clip.set_adapter(name)

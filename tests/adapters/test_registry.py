@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftclip.adapters.clip_adapter import ClipAdapterConfig
-from peftclip.adapters.lora import LoraConfig
+from peftclip.adapters.lora import ClipLoraConfig
 from peftclip.adapters.maple import MapleConfig
 from peftclip.adapters.prompts import TextPromptConfig, VisualPromptConfig
 from peftclip.adapters.strategy import METHODS, AdapterSpec, StrategyConfig, apply_strategy
@@ -19,7 +19,7 @@ from tests.conftest import image_batch
 TOL = 1e-5
 TEXTS = ["a photo of a cat.", "two dogs in the snow"]
 SPECS = {
-    "lora": AdapterSpec(lora=LoraConfig(r=2)),
+    "lora": AdapterSpec(lora=ClipLoraConfig(r=2)),
     "clip_adapter": AdapterSpec(clip_adapter=ClipAdapterConfig(adapter_towers=["vision", "text"])),
     "cocoop": AdapterSpec(cocoop=TextPromptConfig(n_ctx=3)),
     "maple": AdapterSpec(maple=MapleConfig(prompt_length=2, prompt_depth=2)),

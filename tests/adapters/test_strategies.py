@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftclip.adapters.lora import LoraConfig
+from peftclip.adapters.lora import ClipLoraConfig
 from peftclip.adapters.partial import PartialConfig
 from peftclip.adapters.prompts import TextPromptConfig, VisualPromptConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
@@ -24,7 +24,7 @@ def _vision(name):
     return name.startswith("visual.")
 
 
-LORA = LoraConfig(r=2)
+LORA = ClipLoraConfig(r=2)
 PROJ = ("visual.proj", "text_projection")
 # id -> (AdapterSpec, predicate over clean parameter names that must change after one step)
 TEST_CASES = {
