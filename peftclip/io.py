@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,12 +219,21 @@ def resolve_recorded_path(value: str, adapter_dir: Path) -> str:
     return value
 
 
+def _is_adapter_file(name: str) -> bool:
+    """An adapter file, or the temporary file of one that a killed atomic write left behind
+    (`.metrics.json.<random>.tmp` from `write_json_atomic`, `.NAME.tmp-<pid>` from the others)."""
+    if name in ADAPTER_FOLDER_FILES:
+        return True
+    stem = name[1:].split(".tmp", 1)[0] if name.startswith(".") and ".tmp" in name else ""
+    return any(stem == known or stem.startswith(f"{known}.") for known in ADAPTER_FOLDER_FILES)
+
+
 def is_adapter_folder(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder peftclip wrote: its metadata file and nothing but adapter files."""
     path = Path(path)
     if not (path / METADATA_NAME).is_file():
         return False
-    return all(p.name in ADAPTER_FOLDER_FILES for p in path.iterdir())
+    return all(_is_adapter_file(p.name) for p in path.iterdir())
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = True) -> Path:
@@ -238,7 +248,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = True) -> P
         raise FileExistsError(f"output {output_dir} exists and is not a folder; choose another --output-dir")
     if output_dir.is_dir() and any(output_dir.iterdir()):
         if not is_adapter_folder(output_dir):
-            others = sorted(p.name for p in output_dir.iterdir() if p.name not in ADAPTER_FOLDER_FILES)
+            others = sorted(p.name for p in output_dir.iterdir() if not _is_adapter_file(p.name))
             raise FileExistsError(f"output folder {output_dir} holds files peftclip did not write "
                                   f"({', '.join(others[:3]) or METADATA_NAME + ' missing'}); choose another "
                                   f"--output-dir (peftclip never replaces such a folder)")
@@ -254,6 +264,37 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = True) -> P
     return output_dir
 
 
+_ORPHAN_WAIT_SECONDS = 30.0  # DataLoader workers notice their run died within a few seconds and exit
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the lock on `fd`; False when a live run holds it.
+
+    A killed run's DataLoader workers inherit the lock and keep it until they notice their run is
+    gone: when the recorded owner has exited, wait for them rather than refuse.
+    """
+    deadline = time.monotonic() + _ORPHAN_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if not owner.isdigit() or _alive(int(owner)) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def lock_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Hold an exclusive lock on `output_dir` (a `.NAME.lock` file beside it) while a run writes there.
@@ -267,9 +308,7 @@ def lock_output_dir(output_dir: str | os.PathLike) -> Iterator[Path]:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, default_mode())
         except OSError as e:
             raise write_error(lock, e) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise FileExistsError(f"output folder {output_dir} is in use by PID {owner} (another run writes "

@@ -128,6 +128,17 @@ def test_a_folder_or_file_peftclip_did_not_write_is_never_replaced(saved, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "mine"]  # no temporary folder left
 
 
+@pytest.mark.parametrize("leftover", [".metrics.json.k3j2_x.tmp", ".training_curves.png.tmp-4242"])
+def test_a_temporary_file_left_by_a_killed_write_keeps_the_folder_peftclips(saved, leftover):
+    out, model, base = saved
+    (out / leftover).write_text("half written")
+    save_adapter(model, out, base.info, {"lora": CONFIG.to_dict()})
+    assert not (out / leftover).exists()
+    (out / ".notes.txt.tmp").write_text("not one of ours")
+    with pytest.raises(FileExistsError, match=r"\.notes\.txt\.tmp"):
+        save_adapter(model, out, base.info, {"lora": CONFIG.to_dict()})
+
+
 def test_an_adapter_folder_is_replaced_only_with_overwrite(saved, tmp_path):
     out, model, base = saved
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -273,3 +284,24 @@ def test_unknown_save_dtype_is_refused_before_writing(saved, tmp_path):
     with pytest.raises(ValueError, match="save_dtype='fp8'"):
         save_adapter(model, tmp_path / "x", base.info, {"lora": CONFIG.to_dict()}, save_dtype="fp8")
     assert not (tmp_path / "x").exists()
+
+
+_ORPHAN = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, (sys.argv[2] + "\\n").encode(), 0)  # the run that took the lock, which has died
+print("locked", flush=True)
+time.sleep(2)  # as a killed run's DataLoader worker holds the inherited lock until it notices
+"""
+
+
+def test_a_lock_left_to_a_dead_runs_workers_is_waited_for_not_refused(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path / ".out.lock"), str(dead.pid)],
+                              stdout=subprocess.PIPE, text=True)
+    assert orphan.stdout.readline() == "locked\n"
+    with lock_output_dir(tmp_path / "out"):
+        assert orphan.poll() is not None  # the lock came free only when the orphan exited
+    orphan.wait()
