@@ -48,3 +48,19 @@ def tiny_base() -> BaseModel:
 def any_base(request) -> BaseModel:
     """A fresh base of each covered architecture (random weights)."""
     return load_base(BaseConfig(model_name=request.param))
+
+
+def randomly_trained(spec, seed: int):
+    """A fresh tiny base with `spec` applied and its trainable tensors moved off their initial values.
+
+    Returns (base, model, tokenize); tests save and reload such a model to check every tensor round-trips.
+    """
+    from peftclip.adapters.strategy import apply_strategy
+    torch.manual_seed(seed)
+    base = load_base()
+    model, tokenize = apply_strategy(base.model, spec, base.tokenizer, init_lora_weights=False)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    return base, model, tokenize

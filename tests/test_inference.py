@@ -21,7 +21,7 @@ from peftclip.inference import AdaptedCLIP
 from peftclip.io import SAFETENSORS_WEIGHTS_NAME, AdapterError, load_adapter, save_adapter
 from peftclip.models import BaseConfig, load_base
 from tests.adapters.test_strategies import TEST_CASES as STRATEGY_CASES
-from tests.conftest import image_batch
+from tests.conftest import image_batch, randomly_trained
 
 TOL = 1e-5
 MERGED_TOL = 1e-4  # (W + s·BA)x rounds differently from Wx + s·B(Ax); outputs are O(1), unnormalised
@@ -49,13 +49,7 @@ def _outputs(model, tokenize):
 def _save(folder, name, seed):
     """An adapter of strategy `name` with random non-zero weights; returns its folder and outputs."""
     spec = SPECS[name]
-    torch.manual_seed(seed)
-    base = load_base()
-    model, tokenize = apply_strategy(base.model, spec, base.tokenizer, init_lora_weights=False)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.1)
+    base, model, tokenize = randomly_trained(spec, seed)
     outputs = _outputs(model, tokenize)
     training = {"class_names": CLASS_NAMES} if spec.head else None
     return save_adapter(model, folder / name, base.info, spec.to_dict(), training=training), outputs

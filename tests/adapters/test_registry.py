@@ -14,7 +14,7 @@ from peftclip.cache import tower_modes
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, save_adapter
 from peftclip.models import load_base
-from tests.conftest import image_batch
+from tests.conftest import image_batch, randomly_trained
 
 TOL = 1e-5
 TEXTS = ["a photo of a cat.", "two dogs in the snow"]
@@ -38,13 +38,8 @@ def zoo(tmp_path_factory):
     """Each spec trained to random weights and saved, with its image and text outputs."""
     folder, out = tmp_path_factory.mktemp("methods"), {}
     for seed, (name, spec) in enumerate(SPECS.items()):
-        torch.manual_seed(seed)
-        base = load_base()
-        model, tokenize = apply_strategy(base.model, spec, base.tokenizer, init_lora_weights=False)
+        base, model, tokenize = randomly_trained(spec, seed)
         with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(torch.randn_like(param) * 0.1)
             model.eval()
             want = _outputs(model.encode_image(image_batch(model)), model.encode_text(tokenize(TEXTS)))
         out[name] = save_adapter(model, folder / name, base.info, spec.to_dict()), want
