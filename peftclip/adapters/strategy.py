@@ -23,7 +23,8 @@ from .prompts import (
     attach_visual_prompt,
 )
 
-__all__ = ["METHODS", "AdapterSpec", "MethodEntry", "StrategyConfig", "apply_strategy", "inner_model"]
+__all__ = ["METHODS", "AdapterSpec", "MethodEntry", "StrategyConfig", "apply_strategy", "inner_model",
+           "method_sections"]
 
 
 @dataclass
@@ -93,6 +94,15 @@ METHODS: dict[str, MethodEntry] = {
     "maple": MethodEntry(MapleConfig, _attach_maple),
     "head": MethodEntry(HeadConfig, lambda inner, config, ctx: attach_head(inner, config, ctx["head_weights"])),
 }
+
+
+def method_sections(exclude: tuple[str, ...] = ()) -> dict[str, type]:
+    """Every method's config section and class (methods sharing a section give it once), for a recipe's flags.
+
+    >>> list(method_sections(exclude=("head",)))[:3]
+    ['lora', 'partial', 'text_prompt']
+    """
+    return {entry.section or name: entry.config for name, entry in METHODS.items() if name not in exclude}
 
 
 @dataclass

@@ -27,21 +27,16 @@ from accelerate.utils import set_seed
 
 from peftclip.adapters import (
     AdapterSpec,
-    ClipLoraConfig,
-    PartialConfig,
     StrategyConfig,
-    TextPromptConfig,
-    VisualPromptConfig,
     apply_strategy,
 )
-from peftclip.adapters.clip_adapter import ClipAdapterConfig
 from peftclip.adapters.heads import (
     DEFAULT_TEMPLATES,
     HeadConfig,
     classifier,
     zero_shot_weights,
 )
-from peftclip.adapters.maple import MapleConfig
+from peftclip.adapters.strategy import method_sections
 from peftclip.cache import FeatureCache, cache_image_tower
 from peftclip.data import DataConfig, EvalImages, LabelledImages, load_labelled
 from peftclip.evaluate import classification_accuracy
@@ -93,9 +88,7 @@ class ClassifyConfig(ConfigMixin):
 
 
 SECTIONS = {"base": BaseConfig, "data": DataConfig, "classify": ClassifyConfig, "strategy": StrategyConfig,
-            "lora": ClipLoraConfig, "partial": PartialConfig, "text_prompt": TextPromptConfig,
-            "visual_prompt": VisualPromptConfig, "head": HeadConfig, "clip_adapter": ClipAdapterConfig,
-            "maple": MapleConfig, "train": TrainConfig}
+            **method_sections(), "train": TrainConfig}
 # A head learns from image features alone, so LoRA goes on the image tower by default.
 DEFAULTS = {"strategy": {"head": True}, "lora": {"towers": ["vision"]}, "data": {"label_column": "label"},
             "train": {"epochs": 20, "lr": 3e-3, "batch_size": 64, "output_dir": "outputs/classify"}}

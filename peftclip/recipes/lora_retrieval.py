@@ -17,15 +17,10 @@ import sys
 
 from peftclip.adapters import (
     AdapterSpec,
-    ClipLoraConfig,
-    PartialConfig,
     StrategyConfig,
-    TextPromptConfig,
-    VisualPromptConfig,
     apply_strategy,
 )
-from peftclip.adapters.clip_adapter import ClipAdapterConfig
-from peftclip.adapters.maple import MapleConfig
+from peftclip.adapters.strategy import method_sections
 from peftclip.cache import FeatureCache, cache_frozen_towers
 from peftclip.data import (
     DataConfig,
@@ -51,9 +46,9 @@ from peftclip.train import (
 )
 from peftclip.utils import cache_root
 
-SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig, "lora": ClipLoraConfig,
-            "partial": PartialConfig, "text_prompt": TextPromptConfig, "visual_prompt": VisualPromptConfig,
-            "clip_adapter": ClipAdapterConfig, "maple": MapleConfig, "train": TrainConfig}
+# A head is for classification: every other method's section comes from the method registry.
+SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig, **method_sections(exclude=("head",)),
+            "train": TrainConfig}
 # The built-in default: tiny random base, LoRA, the generated shapes task (peftclip/synthetic.py).
 DEFAULTS = {"train": {"epochs": 40, "lr": 3e-3, "batch_size": 64, "warmup_steps": 20,
                       "output_dir": "outputs/lora_retrieval"}}
