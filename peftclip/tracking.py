@@ -264,17 +264,9 @@ def plot_curves(metrics: dict[str, Any]) -> Figure:
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Write `figure` as a PNG at `path` atomically (a temporary file beside it, renamed into place)."""
-    from .utils import write_error
+    from .utils import write_atomic
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        figure.savefig(tmp, format="png", dpi=80)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, e) from e
-    return path
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
 
 
 def save_curves(adapter_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:

@@ -15,7 +15,7 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 # torch and safetensors load inside the functions that need them, so `peftclip info` (JSON and hashlib only)
 # never imports torch.
@@ -198,14 +198,16 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         raise OSError(number, os.strerror(number), str(path)) from e
 
 
-def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                             metadata: dict[str, str] | None = None) -> Path:
-    """Write `tensors` to a temporary file beside `path`, then rename it into place; returns `path`."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` to a temporary file beside `path`, then rename it into place; returns `path`.
+
+    A failure leaves nothing behind and is raised as one line naming `path` (see `write_error`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_safetensors(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -214,6 +216,12 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pa
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                             metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` to a temporary file beside `path`, then rename it into place; returns `path`."""
+    return write_atomic(path, lambda tmp: save_safetensors(tensors, tmp, metadata=metadata))
 
 
 def fsync_dir(folder: Path) -> None:
