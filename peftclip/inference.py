@@ -527,6 +527,6 @@ def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, tensor in model.state_dict().items():
         if key.startswith(inside) or "lora_" in key or key.startswith("peftclip_"):
             continue
-        state[key.replace(".base_layer.", ".")] = tensor
+        state[canonical_name(key)] = tensor
     # Copies, not views: the caller may unmerge the live weights before writing these out.
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}

@@ -12,6 +12,7 @@ from peftclip.io import load_adapter, save_adapter
 from peftclip.losses import cross_entropy_step
 from peftclip.models import load_base
 from peftclip.train import TrainConfig, create_optimizer
+from peftclip.utils import canonical_name
 from tests.conftest import image_batch
 
 CLASSES = ["cat", "dog", "car"]
@@ -54,14 +55,14 @@ def test_cross_entropy_step_trains_exactly_the_head_strategy_and_reloads(case, t
     base = load_base()
     weights = zero_shot_weights(base.model, base.tokenizer, CLASSES, TEMPLATES)
     model, _ = apply_strategy(base.model, spec, base.tokenizer, head_weights=weights, init_lora_weights=False)
-    clean = lambda n: n.removeprefix("base_model.model.").replace(".base_layer", "")  # noqa: E731
-    before = {clean(n): p.detach().clone() for n, p in model.named_parameters()}
+    before = {canonical_name(n): p.detach().clone() for n, p in model.named_parameters()}
     optimizer = create_optimizer(model, TrainConfig(lr=1e-2))
     images, labels = image_batch(model, n=6), torch.tensor([0, 1, 2, 0, 1, 2])
     cross_entropy_step(classifier(model), (images, labels)).backward()
     optimizer.step()
     for name, param in model.named_parameters():
-        assert (not torch.equal(param.detach(), before[clean(name)])) == should_change(clean(name)), name
+        clean = canonical_name(name)
+        assert (not torch.equal(param.detach(), before[clean])) == should_change(clean), name
     out = save_adapter(model, tmp_path / case, base.info, spec.to_dict())
     loaded = load_adapter(load_base(), out)
     model.eval()

@@ -17,6 +17,7 @@ from peftclip.io import SAFETENSORS_WEIGHTS_NAME, load_adapter, save_adapter
 from peftclip.losses import ContrastiveLoss
 from peftclip.models import BaseConfig, load_base
 from peftclip.train import TrainConfig, create_optimizer
+from peftclip.utils import canonical_name
 from tests.conftest import image_batch
 
 
@@ -58,10 +59,6 @@ TEST_CASES = {
 }
 
 
-def _clean(name: str) -> str:
-    return name.removeprefix("base_model.model.").replace(".base_layer", "")
-
-
 def _build(case):
     spec = TEST_CASES[case][0]
     base = load_base(BaseConfig())
@@ -80,11 +77,11 @@ def _one_step(model, tokenize):
 @pytest.mark.parametrize("case", list(TEST_CASES))
 def test_one_step_changes_exactly_the_intended_parameters(case):
     base, model, tokenize, _ = _build(case)
-    before = {_clean(n): p.detach().clone() for n, p in model.named_parameters()}
+    before = {canonical_name(n): p.detach().clone() for n, p in model.named_parameters()}
     _one_step(model, tokenize)
     should_change = TEST_CASES[case][1]
     for name, param in model.named_parameters():
-        name = _clean(name)
+        name = canonical_name(name)
         changed = not torch.equal(param.detach(), before[name])
         assert changed == should_change(name), f"{name}: changed={changed}"
 
@@ -94,9 +91,9 @@ def test_saved_file_holds_exactly_the_trained_tensors_and_reloads(case, tmp_path
     base, model, tokenize, record = _build(case)
     _one_step(model, tokenize)
     out = save_adapter(model, tmp_path / case, base.info, record)
-    trainable = {_clean(n).replace(".default", "") for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {canonical_name(n).replace(".default", "") for n, p in model.named_parameters() if p.requires_grad}
     stored = load_file(out / SAFETENSORS_WEIGHTS_NAME)
-    assert {_clean(k) for k in stored} == trainable
+    assert {canonical_name(k) for k in stored} == trainable
     # Size: 8-byte header length, the JSON header, then 4 bytes per fp32 parameter.
     raw = (out / SAFETENSORS_WEIGHTS_NAME).read_bytes()
     header = struct.unpack("<Q", raw[:8])[0]
