@@ -101,8 +101,9 @@ class Checkpointer:
         """Whether the minute interval has passed on this process (callers make the processes agree)."""
         return bool(self.every_minutes) and time.monotonic() - self.last_time >= 60 * self.every_minutes
 
-    def save(self, step: int, position: dict[str, Any]) -> Path:
-        """Write a checkpoint for `step` with the data `position` (epoch, batch) to resume from."""
+    def save(self, step: int, position: dict[str, Any], monitor: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint for `step` with the data `position` (epoch, batch) to resume from, and the
+        training monitor's state (evaluation history, curves, best) when there is one."""
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".step-{step:08d}.tmp"
         if self.accelerator.is_main_process:
@@ -113,7 +114,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             write_json_atomic(tmp / TRAINER_STATE_NAME, {"step": step, "position": position,
-                                                         "fingerprint": self.fingerprint})
+                                                         "fingerprint": self.fingerprint, "monitor": monitor})
             replace_dir(tmp, final)  # a checkpoint of this step from an earlier run is swapped out whole
             self._prune()
         self.accelerator.wait_for_everyone()

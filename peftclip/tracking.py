@@ -206,6 +206,16 @@ class TrainingMonitor:
             summary["stopped_early_at"] = self.stopped_early_at
         return summary
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run continues this run's history, curves, best and patience."""
+        return {"history": self.history, "curves": self.curves, "best": self.best, "since_best": self._since_best,
+                "last_eval_step": self._last_eval_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's `state_dict()` (the evaluation before training is the saved one)."""
+        self.history, self.curves, self.best = list(state["history"]), dict(state["curves"]), state["best"]
+        self._since_best, self._last_eval_step = state["since_best"], state["last_eval_step"]
+
     def _evaluate(self, step: int) -> bool:
         if self.evaluate is None:
             return False

@@ -45,7 +45,7 @@ _NOT_IN_FINGERPRINT = {"output_dir", "resume", "num_workers", "eval_batch_size",
                        "eval_every_steps", "eval_every_epochs", "save_best", "early_stopping_patience"}
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-PARAM_GROUPS = ("lora", "prompts", "head", "adapters", "projections", "blocks")
+PARAM_GROUPS = ("lora", "ia3", "prompts", "head", "adapters", "projections", "blocks")
 
 
 @dataclass
@@ -194,6 +194,8 @@ def param_group(name: str) -> str:
     name = canonical_name(name)
     if "lora_" in name:
         return "lora"
+    if "ia3_" in name:
+        return "ia3"
     if name.startswith(("peftclip_text_prompt", "peftclip_visual_prompt")):
         return "prompts"
     if name.startswith("peftclip_head"):
@@ -435,6 +437,8 @@ def train(model: nn.Module, dataset: Dataset, config: TrainConfig, accelerator: 
                              resumed_from=str(checkpointer.last_saved) if state else None)
         if state:
             accelerator.print(f"resumed from step {len(result.losses)} of {checkpointer.last_saved}")
+            if monitor is not None and state.get("monitor"):
+                monitor.load_state_dict(state["monitor"])
         progress = tqdm(total=total_steps, initial=len(result.losses), desc="train",
                         disable=not accelerator.is_local_main_process)
         with _StopSignals() as stop, progress:  # the bar is closed before any error message is printed
@@ -573,7 +577,8 @@ def _train_epoch(loop: _Loop, epoch: int, skip: int) -> None:
         end = step >= loop.total_steps or stop
         if checkpointer.enabled and (checkpointer.step_due(step) or by_time or end):
             checkpointer.save(step, {"epoch": epoch, "batch": index + 1, "losses": result.losses,
-                                     "skipped": result.skipped_steps})
+                                     "skipped": result.skipped_steps},
+                              monitor=loop.monitor.state_dict() if loop.monitor is not None else None)
         if stop:
             raise TrainingInterrupted(step, loop.stop.signum or signal.SIGTERM,
                                       str(checkpointer.last_saved) if checkpointer.last_saved else None)

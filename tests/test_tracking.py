@@ -164,3 +164,25 @@ def test_classify_evaluates_every_epoch_into_its_history(tmp_path, shapes):
     assert [entry["step"] for entry in metrics["history"]] == [0, batches_per_epoch, 4]
     assert set(metrics["history"][1]["metrics"]) == {"top1", "top5", "mean_per_class"}
     assert metrics["best"]["value"] == max(entry["metrics"]["top1"] for entry in metrics["history"][1:])
+
+
+def test_resume_continues_the_history_best_and_patience(tmp_path, shapes, monkeypatch):
+    """A resumed run carries on the interrupted one's evaluations: no restart of history, best or patience."""
+    values = iter([0.0, 10.0, 5.0, 5.0,  # first run: before, steps 2 and 4, after
+                   0.0, 3.0, 3.0])  # resumed run: before (replaced by the checkpoint's), step 6, after
+
+    def fake_evaluate(*args, **kwargs):
+        value = next(values)
+        return {"text_to_image_R@1": value, "image_to_text_R@1": value}
+
+    monkeypatch.setattr(lora_retrieval, "evaluate_retrieval", fake_evaluate)
+    out = tmp_path / "adapter"
+    flags = ("--eval-every-steps", "2", "--save-best", "text_to_image_R@1", "--early-stopping-patience", "2",
+             "--checkpoint-every-steps", "2")
+    first = _run(out, shapes, "--max-steps", "4", *flags)
+    resumed = _run(out, shapes, "--max-steps", "12", "--resume", "latest", "--overwrite", *flags)
+    assert [entry["step"] for entry in resumed["history"]] == [0, 2, 4, 6]
+    assert resumed["history"][:3] == first["history"]
+    assert resumed["best"]["step"] == 2  # not step 6, which a restarted best would have taken
+    assert resumed["stopped_early_at"] == 6  # the second evaluation without improvement across the resume
+    assert resumed["curves"]["loss"][:4] == first["curves"]["loss"] and len(resumed["curves"]["loss"]) == 6
