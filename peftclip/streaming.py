@@ -71,6 +71,8 @@ def _rank() -> tuple[int, int]:
 class _TarShards:
     """Samples of local webdataset shards; this process's and worker's share, in a seeded shard order."""
 
+    too_few = "shards"  # what a worker got none of
+
     def __init__(self, urls: list[str], caption_key: str, split: bool = True) -> None:
         self.urls, self.caption_key = urls, caption_key
         self.split = split  # False: every process and worker reads every shard (a held-out set)
@@ -100,8 +102,11 @@ class _TarShards:
 
 
 class _HubStream:
-    """Rows of `datasets.load_dataset(..., streaming=True)`; `split_dataset_by_node` gives each process its share
-    and datasets splits that between DataLoader workers by shard."""
+    """Rows of `datasets.load_dataset(..., streaming=True)`; `split_dataset_by_node` gives each DataLoader worker of
+    each process its share at once: whole files where they divide evenly between all workers, else every Nth row
+    of the (identically seeded) shuffled stream, so a single file feeds any number of workers."""
+
+    too_few = "samples"  # what a worker got none of
 
     def __init__(self, config: DataConfig) -> None:
         source = config.source
@@ -123,11 +128,15 @@ class _HubStream:
         self.data = data
 
     def samples(self, seed: int, shuffle_buffer: int) -> Iterator[_Sample]:
-        rank, world_size = _rank()
-        data = split_dataset_by_node(self.data, rank, world_size).shuffle(seed=seed, buffer_size=shuffle_buffer)
-        worker = get_worker_info()
-        for i, row in enumerate(data):
-            where = f"{self.name} rank {rank} worker {worker.id if worker else 0} sample {i}"
+        rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
+        # datasets' own worker split hands out whole files and stops the workers beyond `n_shards` (one file: one
+        # busy worker); splitting by (process, worker) here lets its "auto" strategy fall back to rows.
+        data = split_dataset_by_node(self.data.shuffle(seed=seed, buffer_size=shuffle_buffer),
+                                     rank * workers + worker, world_size * workers)
+        # `iter` reads the split as given; plain iteration inside a DataLoader worker would split it again.
+        rows = (dict(zip(batch, values)) for batch in data.iter(batch_size=64) for values in zip(*batch.values()))
+        for i, row in enumerate(rows):
+            where = f"{self.name} rank {rank} worker {worker} sample {i}"
             yield where, _ref(row.get(self.image_column), self.root), row.get(self.caption_column)
 
 
@@ -236,8 +245,8 @@ class StreamingPairs(IterableDataset):
             if read == 0:
                 rank, world_size = _rank()
                 raise DataError(f"no samples reach rank {rank} worker {worker}: a stream needs at least as many "
-                                f"shards as processes x DataLoader workers ({world_size} x {workers}); use fewer "
-                                f"--num-workers or more shards")
+                                f"{self.stream.too_few} as processes x DataLoader workers ({world_size} x {workers}); "
+                                f"use fewer --num-workers or more {self.stream.too_few}")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.batch_size:

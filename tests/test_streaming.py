@@ -47,10 +47,11 @@ def _write_shards(folder: Path, n_shards: int, per_shard: int, bad: dict[int, di
     return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
 
 
-def _write_parquet(path: Path, n: int, bad_rows: tuple[int, ...] = ()) -> Path:
+def _write_parquet(path: Path, n: int, bad_rows: tuple[int, ...] = (), first: int = 0) -> Path:
+    """Rows `first`, ... of embedded JPEGs captioned "colour <row>"."""
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
-    images = [{"bytes": BAD_JPEG if i in bad_rows else _jpeg(i), "path": None} for i in range(n)]
-    datasets.Dataset.from_dict({"image": images, "caption": [f"colour {i}" for i in range(n)]},
+    images = [{"bytes": BAD_JPEG if i in bad_rows else _jpeg(i), "path": None} for i in range(first, first + n)]
+    datasets.Dataset.from_dict({"image": images, "caption": [f"colour {i}" for i in range(first, first + n)]},
                                features=features).to_parquet(str(path))
     return path
 
@@ -89,10 +90,11 @@ def test_undecodable_image_while_training_is_counted_and_replaced(tmp_path, tiny
 
 
 def _stream(source: str, **config) -> StreamingPairs:
+    """Samples of `source` whose one token is the number ending their caption (the shard key, or parquet row)."""
     data_config = DataConfig(source=source, **config)
     stream, _ = load_stream(data_config)
-    return StreamingPairs(stream, lambda image: torch.zeros(1), lambda texts: torch.tensor([[int(texts[0])]]),
-                          config=data_config)
+    return StreamingPairs(stream, lambda image: torch.zeros(1),
+                          lambda texts: torch.tensor([[int(texts[0].split()[-1])]]), config=data_config)
 
 
 def _keys(pairs: StreamingPairs, batch_size: int, batches: int) -> list[int]:
@@ -116,6 +118,16 @@ def test_too_many_bad_stream_samples_stop_naming_shard_and_key(tmp_path):
                     shuffle_buffer=1)
     with pytest.raises(DataError, match=r"0000[01].tar 00000[59]: .*max_bad_fraction=0.0"):
         _keys(pairs, 4, 3)
+
+
+@pytest.mark.parametrize("files", [1, 2])
+def test_streamed_parquet_feeds_two_workers_every_row_once(tmp_path, files):
+    rows = [_write_parquet(tmp_path / f"set-{i}.parquet", 16, first=16 * i) for i in range(files)]
+    source = str(tmp_path / "set-*.parquet")
+    pairs = _stream(source, streaming=True, val_source=str(rows[0]), shuffle_buffer=4)
+    pairs.configure(4, 4 * files)  # one epoch: every row, two batches per worker per file
+    batches = list(torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=2))
+    assert sorted(int(k) for _, tokens in batches for k in tokens[:, 0]) == list(range(16 * files))
 
 
 def test_stream_epochs_repeat_passes_and_reshuffle(tmp_path):
@@ -158,9 +170,10 @@ from peftclip.train import TrainConfig, _create_loader, create_accelerator
 from tests.test_reliability import kill_once_written
 config = TrainConfig(cpu=True, batch_size=8, num_workers=2)
 accelerator = create_accelerator(config)
-data = DataConfig(source=sys.argv[1], train_num_samples=32, shuffle_buffer=4)
+data = DataConfig(source=sys.argv[1], train_num_samples=32, shuffle_buffer=4, **json.loads(sys.argv[3]))
 stream, _ = load_stream(data)
-pairs = StreamingPairs(stream, lambda image: torch.zeros(1), lambda t: torch.tensor([[int(t[0])]]), config=data)
+pairs = StreamingPairs(stream, lambda image: torch.zeros(1), lambda t: torch.tensor([[int(t[0].split()[-1])]]),
+                       config=data)
 loader, batches = _create_loader(pairs, config, accelerator, torch.Generator())
 seen = {}
 for epoch in (0, 1):
@@ -171,12 +184,17 @@ for epoch in (0, 1):
 
 
 @pytest.mark.slow
-def test_two_processes_with_two_workers_see_every_sample_once_per_epoch(tmp_path):
-    source = _write_shards(tmp_path / "shards", 9, 4)  # the last shard is held out: 32 training samples
+@pytest.mark.parametrize("kind", ["webdataset", "one_streamed_parquet_file"])
+def test_two_processes_with_two_workers_see_every_sample_once_per_epoch(tmp_path, kind):
+    if kind == "webdataset":
+        source, extra = _write_shards(tmp_path / "shards", 9, 4), {}  # the last shard is held out: 32 to train on
+    else:  # fewer files than processes x workers: split by rows
+        source = str(_write_parquet(tmp_path / "set.parquet", 32))
+        extra = {"streaming": True, "val_source": source}
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(script), source, str(tmp_path)]
+           str(script), source, str(tmp_path), json.dumps(extra)]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
