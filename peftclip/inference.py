@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .adapters.attention import SPLIT_MODULES, convert_attention
 from .adapters.clip_adapter import CLIP_ADAPTER_NAME, create_clip_adapter, set_clip_adapter
-from .adapters.cocoop import create_cocoop_prompt
+from .adapters.cocoop import CoCoOpPrompt, cocoop_logits, create_cocoop_prompt
 from .adapters.heads import CLASSIFIER_NAME, DEFAULT_TEMPLATES, classifier, create_head, image_embed_dim
 from .adapters.lora import to_peft_config
 from .adapters.maple import add_maple_text_hooks, create_maple_prompt
@@ -192,7 +192,7 @@ class AdaptedCLIP:
             record.modules[CLASSIFIER_NAME] = create_head(inner, spec.head, zeros)
         if spec.clip_adapter is not None:
             record.modules[CLIP_ADAPTER_NAME] = create_clip_adapter(inner, spec.clip_adapter)
-        if spec.cocoop is not None:  # encode/classify use its context without the image offset
+        if spec.cocoop is not None:  # encode uses its context without an image offset; classify conditions it
             prompt = create_cocoop_prompt(inner, spec.cocoop, self.base.tokenizer)
             record.modules[TEXT_PROMPT_NAME], record.tokenize = prompt, prompt.tokenize
         if spec.maple is not None:
@@ -447,6 +447,11 @@ class AdaptedCLIP:
                 logits = _batched(images, batch_size, "images", lambda chunk: head(self._image_batch(chunk)))
                 return logits.softmax(dim=-1)
             templates = list(templates or training.get("classify", {}).get("templates") or DEFAULT_TEMPLATES)
+            prompt = record.modules.get(TEXT_PROMPT_NAME) if record is not None else None
+            if isinstance(prompt, CoCoOpPrompt):  # each image's own class prompts
+                tokens = record.tokenize([t.format(c) for c in class_names for t in templates]).to(self.device)
+                return _batched(images, batch_size, "images", lambda chunk: cocoop_logits(
+                    self.model, prompt, self._image_batch(chunk), tokens, len(templates))).softmax(dim=-1)
             return self._zero_shot(images, class_names, templates, batch_size).softmax(dim=-1)
 
     def _zero_shot(self, images: ImageInput, class_names: list[str], templates: list[str],

@@ -81,12 +81,6 @@ def run_recipe(argv: list[str] | None, parser: argparse.ArgumentParser, sections
         if config["data"].source is None:
             config["data"].source = default_source()
         train_config, data_config = config["train"], config["data"]
-        if getattr(config.get("strategy"), "cocoop", False):
-            # The recipes' objectives encode class prompts once per batch: CoCoOp's meta-network would
-            # get no gradient and silently train as CoOp.
-            raise ValueError("--cocoop: the recipes do not yet condition prompts on each image (its meta-network "
-                             "would not train); use --text-prompt (CoOp), or peftclip.adapters.cocoop.cocoop_logits "
-                             "in your own loop")
         if data_config.val_split is None and data_config.val_fraction == 0:  # every recipe evaluates
             raise ValueError("val_fraction=0.0 and no val_split leave nothing to evaluate on; give --val-split or "
                              "a --val-fraction above 0")

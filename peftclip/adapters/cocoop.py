@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import inner_model
 from .heads import image_embed_dim
-from .prompts import TextPrompt, TextPromptConfig, _token_embedding, set_text_prompt
+from .prompts import TEXT_PROMPT_NAME, TextPrompt, TextPromptConfig, _token_embedding, set_text_prompt
 
-__all__ = ["CoCoOpPrompt", "attach_cocoop_prompt", "cocoop_logits", "create_cocoop_prompt"]
+__all__ = ["CoCoOpClassifier", "CoCoOpPrompt", "attach_cocoop_prompt", "cocoop_logits", "create_cocoop_prompt"]
 
 
 class CoCoOpPrompt(TextPrompt):
@@ -62,17 +63,51 @@ def attach_cocoop_prompt(model: nn.Module, config: TextPromptConfig, tokenizer: 
     return prompt
 
 
-def cocoop_logits(model: nn.Module, prompt: CoCoOpPrompt, images: torch.Tensor,
-                  class_tokens: torch.Tensor) -> torch.Tensor:
-    """(B, C) logits of `images` against the C class texts (tokenized with `prompt.tokenize`), each image's own.
+def cocoop_logits(model: nn.Module, prompt: CoCoOpPrompt, images: torch.Tensor, class_tokens: torch.Tensor,
+                  n_templates: int = 1, text_batch_size: int = 2048) -> torch.Tensor:
+    """(B, C) logits of `images` against the class texts (tokenized with `prompt.tokenize`), each image's own.
+
+    `class_tokens` holds C × `n_templates` texts, class-major (every template of class 0 first); a
+    class's text features are averaged over its templates, as zero-shot CLIP does. The text tower
+    runs on at most `text_batch_size` texts at a time (whole images' blocks of class texts).
 
     >>> # tokens = prompt.tokenize([f"a photo of a {c}." for c in classes]); cocoop_logits(model, prompt, x, tokens)
     """
+    n_texts = len(class_tokens)
+    if n_templates < 1 or n_texts % n_templates:
+        raise ValueError(f"{n_texts} class texts cannot be split into {n_templates} templates per class")
     image = model.encode_image(images, normalize=True)  # (B, D)
-    prompt.condition(image)
-    try:
-        tokens = class_tokens.repeat(len(image), 1)  # (B * C, L), image-major
-        text = F.normalize(model.encode_text(tokens), dim=-1).view(len(image), len(class_tokens), -1)
-    finally:
-        prompt.condition(None)
-    return model.logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text)
+    per_chunk = max(text_batch_size // n_texts, 1)  # images whose class texts go through the tower together
+    chunks = []
+    for start in range(0, len(image), per_chunk):
+        conditioning = image[start:start + per_chunk]
+        prompt.condition(conditioning)
+        try:
+            chunks.append(model.encode_text(class_tokens.repeat(len(conditioning), 1)))  # image-major
+        finally:
+            prompt.condition(None)
+    text = F.normalize(torch.cat(chunks), dim=-1).view(len(image), n_texts // n_templates, n_templates, -1)
+    text = F.normalize(text.mean(2), dim=-1)  # (B, C, D)
+    return inner_model(model).logit_scale.exp() * torch.einsum("bd,bcd->bc", image, text)
+
+
+class CoCoOpClassifier(nn.Module):
+    """`images -> (B, C) logits` through `model`'s CoCoOp prompt, as a module: DDP and autocast wrap its forward.
+
+    Args:
+        model: the adapted model (or its feature-cache wrapper) holding an attached `CoCoOpPrompt`.
+        class_tokens: the C × `n_templates` class texts, class-major, tokenized with the prompt's `tokenize`.
+        n_templates: templates per class, averaged.
+    """
+
+    def __init__(self, model: nn.Module, class_tokens: torch.Tensor, n_templates: int = 1) -> None:
+        super().__init__()
+        prompt = getattr(inner_model(model), TEXT_PROMPT_NAME, None)
+        if not isinstance(prompt, CoCoOpPrompt):
+            raise ValueError("this model has no CoCoOp prompt; enable the cocoop strategy")
+        self.model, self.n_templates = model, n_templates
+        self.register_buffer("class_tokens", class_tokens, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        prompt = getattr(inner_model(self.model), TEXT_PROMPT_NAME)
+        return cocoop_logits(self.model, prompt, images, self.class_tokens, self.n_templates)

@@ -30,6 +30,7 @@ from peftclip.adapters import (
     StrategyConfig,
     apply_strategy,
 )
+from peftclip.adapters.cocoop import CoCoOpClassifier
 from peftclip.adapters.heads import (
     DEFAULT_TEMPLATES,
     HeadConfig,
@@ -55,7 +56,7 @@ from peftclip.train import (
     result_fingerprint,
     train,
 )
-from peftclip.utils import ConfigMixin, cache_root, stable_seed
+from peftclip.utils import ConfigMixin, cache_root, inner_model, stable_seed
 
 OBJECTIVES = ("ce", "flyp")
 
@@ -107,6 +108,12 @@ def _text_classifier(model, tokenize, class_names, templates):
     return logits
 
 
+def _cocoop_classifier(model, tokenize, class_names, templates):
+    """images -> logits with each image's own CoCoOp class prompts (every template, averaged)."""
+    tokens = tokenize([t.format(c) for c in class_names for t in templates])
+    return CoCoOpClassifier(model, tokens.to(next(inner_model(model).parameters()).device), len(templates))
+
+
 def _objective(config, model, tokenize, class_names):
     """(module to train, compute_loss(prepared, batch)) for the chosen objective.
 
@@ -122,6 +129,8 @@ def _objective(config, model, tokenize, class_names):
         return model, flyp
     if config["strategy"].head:
         return classifier(model), cross_entropy_step
+    if config["strategy"].cocoop:
+        return _cocoop_classifier(model, tokenize, class_names, templates), cross_entropy_step
     return model, lambda prepared, batch: cross_entropy_step(
         _text_classifier(prepared, tokenize, class_names, templates), batch)
 
@@ -132,10 +141,14 @@ def _trains_head_only_on_images(config: dict) -> bool:
 
 
 def _check_text_tower_trains(config: dict) -> None:
-    """Refuse text-tower LoRA that the objective would leave untrained (and save as dead weight)."""
+    """Refuse text-side methods that the objective would leave untrained (and save as dead weight)."""
     if _trains_head_only_on_images(config) and config["strategy"].lora and "text" in config["lora"].towers:
         raise ValueError("lora.towers includes 'text', but a head trained with objective 'ce' gives the text "
                          "tower no gradient: use --towers vision, or --objective flyp, or --no-head")
+    if config["strategy"].cocoop and (config["strategy"].head or config["classify"].objective != "ce"):
+        # FLYP's texts are one per image: a prompt conditioned on its own image would give the answer away.
+        raise ValueError("--cocoop classifies through its image-conditioned class prompts with objective 'ce': "
+                         "pass --no-head (on by default) and no --objective flyp")
 
 
 def _accuracy(accelerator, predict, images, labels, n_classes, config):
@@ -178,7 +191,12 @@ def training_function(config: dict, accelerator) -> dict:
     def evaluate():
         was_training = model.training
         model.eval()
-        predict = classifier(model) if spec.head else _text_classifier(model, tokenize, names, templates)
+        if spec.head:
+            predict = classifier(model)
+        elif spec.cocoop:
+            predict = _cocoop_classifier(model, tokenize, names, templates)
+        else:
+            predict = _text_classifier(model, tokenize, names, templates)
         with torch.no_grad():
             accuracy = _accuracy(accelerator, predict, test_images, test_data.labels, n_classes, config["train"])
         model.train(was_training)

@@ -75,6 +75,11 @@ def get_datasets(base, data_config: DataConfig, tokenize, reserved_tokens: int, 
 def training_function(config: dict, accelerator) -> dict:
     """Load base → apply the strategy → evaluate → train → evaluate → save. Returns the metrics."""
     train_config: TrainConfig = config["train"]
+    if config["strategy"].cocoop:
+        # Conditioning a caption on its own image gives the pairing away, and on every image would run the
+        # text tower B² times a batch (and N_images times per caption at retrieval): CoCoOp is for class names.
+        raise ValueError("--cocoop needs class names to condition on each image; image-caption retrieval has none "
+                         "(use peftclip train classify --cocoop, or --text-prompt for CoOp here)")
     base = load_base(config["base"], device=accelerator.device)
     spec = AdapterSpec.from_sections(config["strategy"], config)
     model, tokenize = apply_strategy(base.model, spec, base.tokenizer)
