@@ -195,8 +195,11 @@ def test_classify_trains_under_bf16_autocast_on_the_cpu(tmp_path, shapes, flags,
     assert torch.bfloat16 in seen, "no linear layer ran under bf16 autocast"
 
 
+WATCHED = ["--report-to", "tensorboard", "--eval-every-steps", "1", "--save-best", "top1"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [[], ["--no-head", "--no-lora", "--text-prompt"]])
+@pytest.mark.parametrize("flags", [[], ["--no-head", "--no-lora", "--text-prompt"], WATCHED])
 def test_classify_runs_in_two_real_processes(tmp_path, shapes, flags):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(REPO / "recipes" / "classify.py"), "--source", str(shapes / "labels.csv"), "--output-dir",
@@ -205,5 +208,11 @@ def test_classify_runs_in_two_real_processes(tmp_path, shapes, flags):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 2
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 2
     load_adapter(load_base(), tmp_path / "out")
+    if flags == WATCHED:  # trackers, evaluation and the best adapter on the main process only, once per step
+        assert [entry["step"] for entry in metrics["history"]] == [0, 1, 2]
+        events = list((tmp_path / "out-logs").rglob("events.out.tfevents.*"))  # name: ...<time>.<host>.<pid>.<n>
+        assert events and len({path.name.split(".")[-2] for path in events}) == 1, events
+        load_adapter(load_base(), tmp_path / "out-best")
