@@ -639,8 +639,8 @@ def _split_files(config: DataConfig, loaded: _Split) -> list[Path]:
 
 
 def _streamed_files(config: DataConfig) -> list[Path] | None:
-    """The local files a streamed source reads (webdataset shards, streamed table files), a Hub id's name as a
-    path (its data is not downloaded to fingerprint it), or None for a map-style source."""
+    """The local files a streamed source reads (webdataset shards, streamed table files; a missing one by its
+    name), or None for a map-style source."""
     from .streaming import shard_urls  # here: streaming imports this module
 
     if (urls := shard_urls(config.source)) is not None:
@@ -651,13 +651,26 @@ def _streamed_files(config: DataConfig) -> list[Path] | None:
     return sorted(source.parent.glob(source.name)) or [source]
 
 
+def _hub_revision(repo_id: str) -> str:
+    """The commit a Hub dataset id's main branch is at: asked of the Hub (fetching only its README.md, as datasets
+    does to pin the revision it streams), or offline or unreachable the one the local hub cache recorded."""
+    from huggingface_hub import snapshot_download  # here: most runs never read from the Hub
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=["README.md"])).name
+    except OSError as e:
+        raise DataError(f"{repo_id}: no such local path, and as a Hub dataset id its revision cannot be resolved "
+                        f"(a resumed run compares it): {str(e).strip().splitlines()[0]}") from e
+
+
 def source_fingerprint(config: DataConfig) -> str:
     """A hash of the data `config` reads, that changes when the data under the same source changes.
 
     Local sources: the names (relative to the source), sizes and modification times of the table files and of
     the images their rows name (for a folder without a metadata file, of every file in it); nothing is decoded.
     A Hub dataset id: the fingerprint `datasets` gives each split, which follows the cached revision (offline
-    it reads the local cache). A resumed run compares it with the one its checkpoint recorded.
+    it reads the local cache); streamed, the commit its main branch resolves to (offline: the hub cache's), as no
+    data is read up front. A resumed run compares it with the one its checkpoint recorded.
 
     Args:
         config: the source, its columns and the splits read (`split`, and `val_split` if set).
@@ -669,6 +682,8 @@ def source_fingerprint(config: DataConfig) -> str:
         raise DataError("no data source given (--source)")
     digest = hashlib.sha256()
     if (streamed := _streamed_files(config)) is not None:
+        if streamed == [Path(config.source)] and not streamed[0].exists() and config.source.count("/") == 1:
+            digest.update(f"hub\0{config.source}\0{_hub_revision(config.source)}\n".encode())  # a Hub dataset id
         for path in streamed:
             digest.update(_file_stamp(path, Path(config.source).parent).encode())
         return digest.hexdigest()

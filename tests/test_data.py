@@ -34,6 +34,7 @@ from peftclip.data import (
 from peftclip.models import load_base
 from peftclip.recipe import recipe_parser
 from peftclip.recipes import lora_retrieval
+from tests import hf_cache
 from tests.conftest import shared_data
 
 N_IMAGES = 10
@@ -636,6 +637,32 @@ def test_source_fingerprint_of_a_hub_id_is_the_datasets_fingerprint(monkeypatch)
     assert source_fingerprint(config) == before
     served["train"] = datasets.Dataset.from_dict({"image": ["a.png"], "caption": ["y"]})
     assert source_fingerprint(config) != before
+
+
+tiny_hub = hf_cache.tiny_hub  # the fixture: an offline hub cache
+
+
+def _cache_dataset_revision(hub_cache, repo_id: str, commit: str) -> None:
+    """Record `commit` as `repo_id`'s main branch in the hub cache, with the README.md a streamed load fetches."""
+    repo = hub_cache / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "README.md").write_text("---\nlicense: mit\n---\n")
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_streamed_hub_id_fingerprint_follows_its_revision_offline(tiny_hub):
+    config = DataConfig(source="peftclip/tiny-pairs", streaming=True)
+    _cache_dataset_revision(tiny_hub, config.source, "a" * 40)
+    before = source_fingerprint(config)
+    assert source_fingerprint(config) == before
+    _cache_dataset_revision(tiny_hub, config.source, "b" * 40)  # the set got a new commit
+    assert source_fingerprint(config) != before
+
+
+def test_streamed_hub_id_without_a_resolvable_revision_is_named(tiny_hub):
+    with pytest.raises(DataError, match=r"^peftclip/absent: .*revision cannot be resolved"):
+        source_fingerprint(DataConfig(source="peftclip/absent", streaming=True))
 
 
 @pytest.mark.parametrize(("content", "message"), [
