@@ -63,7 +63,7 @@ class _KeyValues(argparse.Action):
 
 def _argument_kwargs(hint: Any, name: str) -> dict[str, Any]:
     """argparse keyword arguments for a field annotated `hint`."""
-    if name == "blocks":
+    if name in ("blocks", "ia3_blocks"):  # LoRA's and IA³'s block selection
         return {"type": _parse_blocks}
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):

@@ -22,6 +22,7 @@ import peft
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,7 +31,8 @@ from .adapters.attention import SPLIT_MODULES, convert_attention
 from .adapters.clip_adapter import CLIP_ADAPTER_NAME, create_clip_adapter, set_clip_adapter
 from .adapters.cocoop import CoCoOpPrompt, cocoop_logits, create_cocoop_prompt
 from .adapters.heads import CLASSIFIER_NAME, DEFAULT_TEMPLATES, classifier, create_head, image_embed_dim
-from .adapters.lora import to_peft_config
+from .adapters.ia3 import to_peft_config as ia3_peft_config
+from .adapters.lora import to_peft_config as lora_peft_config
 from .adapters.maple import add_maple_text_hooks, create_maple_prompt
 from .adapters.partial import select_parameters
 from .adapters.prompts import (
@@ -41,10 +43,11 @@ from .adapters.prompts import (
     set_text_prompt,
     set_visual_prompt,
 )
+from .adapters.tip_adapter import TIP_ADAPTER_NAME, TipAdapterClassifier, attach_tip_adapter, set_tip_adapter
 from .data import decode_image
 from .hub import resolve_adapter
 from .index import default_index_path, image_index
-from .io import AdapterError, SavedAdapter, check_lora_keys, read_adapter
+from .io import AdapterError, SavedAdapter, check_peft_keys, is_peft_tensor, read_adapter
 from .models import BaseModel
 from .utils import canonical_name, write_safetensors_atomic
 
@@ -58,6 +61,7 @@ _MODULE_SETTERS: dict[str, Callable[[nn.Module, nn.Module | None], None]] = {
     VISUAL_PROMPT_NAME: set_visual_prompt,
     CLASSIFIER_NAME: lambda model, head: model.register_module(CLASSIFIER_NAME, head),
     CLIP_ADAPTER_NAME: set_clip_adapter,
+    TIP_ADAPTER_NAME: set_tip_adapter,
 }
 
 
@@ -85,7 +89,8 @@ class _Attached:
     def without_base_counterpart(self) -> list[str]:
         """Its methods that have no counterpart in the base's weights (so no interpolation or export)."""
         methods = [m for m, attr in (("text_prompt", TEXT_PROMPT_NAME), ("visual_prompt", VISUAL_PROMPT_NAME),
-                                     ("head", CLASSIFIER_NAME)) if attr in self.modules]
+                                     ("head", CLASSIFIER_NAME), ("tip_adapter", TIP_ADAPTER_NAME))
+                   if attr in self.modules]
         partial = self.saved.spec.partial
         return methods + (["new_proj_dim"] if partial is not None and partial.new_proj_dim else [])
 
@@ -162,7 +167,7 @@ class AdaptedCLIP:
         record = _Attached(saved, self.base.tokenizer)
         was_peft = isinstance(self.model, peft.PeftModel)
         try:
-            if saved.spec.lora is not None:
+            if saved.peft_method is not None:
                 record.peft_name = self._add_lora(saved)
             self._build_other(record)
         except BaseException:
@@ -195,6 +200,9 @@ class AdaptedCLIP:
         if spec.cocoop is not None:  # encode uses its context without an image offset; classify conditions it
             prompt = create_cocoop_prompt(inner, spec.cocoop, self.base.tokenizer)
             record.modules[TEXT_PROMPT_NAME], record.tokenize = prompt, prompt.tokenize
+        if spec.tip_adapter is not None:  # attached empty (and detached again below), filled from the file
+            record.modules[TIP_ADAPTER_NAME] = attach_tip_adapter(inner, spec.tip_adapter)
+            set_tip_adapter(inner, None)
         if spec.maple is not None:
             add_maple_text_hooks(inner)
             prompt = create_maple_prompt(inner, spec.maple, self.base.tokenizer)
@@ -208,20 +216,28 @@ class AdaptedCLIP:
         record.params = {n: nn.Parameter(t, requires_grad=False) for n, t in record.trained.items()}
 
     def _add_lora(self, saved: SavedAdapter) -> str:
-        """Add the adapter's LoRA weights to PEFT's layers; returns the name PEFT knows them by."""
+        """Add the adapter's LoRA or IA³ weights to PEFT's layers; returns the name PEFT knows them by."""
+        method = saved.peft_method
+        to_peft_config = {"lora": lora_peft_config, "ia3": ia3_peft_config}[method]
+        config = to_peft_config(self._inner, getattr(saved.spec, method), inference_mode=True)
+        if isinstance(self.model, peft.PeftModel):
+            held = self.model.peft_type
+            if config.peft_type != held:  # PEFT's PeftMixedModel, the one way to mix tuners, has no IA³
+                raise AdapterError(f"{saved.folder}: a {config.peft_type.value} adapter cannot join the "
+                                   f"{held.value} adapters on this base (PEFT holds one tuner type per model); "
+                                   f"use another AdaptedCLIP for it")
         self._lora_count += 1
         name = f"adapter{self._lora_count}"
-        config = to_peft_config(self._inner, saved.spec.lora, inference_mode=True)
         if isinstance(self.model, peft.PeftModel):
             self.model.add_adapter(name, config)
         else:
             self.model = peft.get_peft_model(self._inner, config, adapter_name=name)
         try:
-            check_lora_keys(saved, set(peft.get_peft_model_state_dict(self.model, adapter_name=name)))
+            check_peft_keys(saved, set(peft.get_peft_model_state_dict(self.model, adapter_name=name)))
         except AdapterError:
             self.model.delete_adapter(name)
             raise
-        peft.set_peft_model_state_dict(self.model, saved.lora_tensors, adapter_name=name)
+        peft.set_peft_model_state_dict(self.model, saved.peft_tensors, adapter_name=name)
         self.model.requires_grad_(False)
         return name
 
@@ -250,7 +266,7 @@ class AdaptedCLIP:
             owner = self._inner
             for part in owner_path.split(".") if owner_path else []:
                 owner = getattr(owner, part)
-                owner = owner.get_base_layer() if isinstance(owner, LoraLayer) else owner
+                owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
             self._slots[canon] = (owner, attr, owner._parameters[attr])
         return self._slots[canon]
 
@@ -335,6 +351,9 @@ class AdaptedCLIP:
         if methods := record.without_base_counterpart():
             raise ValueError(f"adapter {name!r} cannot be interpolated: its {', '.join(methods)} have no "
                              f"counterpart in the base")
+        if record.saved.peft_method == "ia3" and alpha != 1.0:
+            raise ValueError(f"adapter {name!r} is IA³, which PEFT cannot scale (only LoRA has a scale); "
+                             f"alpha={alpha} is refused")
         for module in self.model.modules():
             if isinstance(module, LoraLayer):
                 module.set_scale(record.peft_name, alpha)
@@ -447,6 +466,11 @@ class AdaptedCLIP:
                 logits = _batched(images, batch_size, "images", lambda chunk: head(self._image_batch(chunk)))
                 return logits.softmax(dim=-1)
             templates = list(templates or training.get("classify", {}).get("templates") or DEFAULT_TEMPLATES)
+            if record is not None and TIP_ADAPTER_NAME in record.modules and class_names == trained_names:
+                weights = F.normalize(self.encode_texts([t.format(c) for c in class_names for t in templates])
+                                      .view(len(class_names), len(templates), -1).mean(1), dim=-1)
+                tip = TipAdapterClassifier(self.model, weights.to(self.device))
+                return _batched(images, batch_size, "images", lambda chunk: tip(self._image_batch(chunk))).softmax(-1)
             prompt = record.modules.get(TEXT_PROMPT_NAME) if record is not None else None
             if isinstance(prompt, CoCoOpPrompt):  # each image's own class prompts
                 tokens = record.tokenize([t.format(c) for c in class_names for t in templates]).to(self.device)
@@ -530,7 +554,7 @@ def export_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state.update(module.open_clip_state(name))
     inside = tuple(f"{n}." for n, _ in split)
     for key, tensor in model.state_dict().items():
-        if key.startswith(inside) or "lora_" in key or key.startswith("peftclip_"):
+        if key.startswith(inside) or is_peft_tensor(key) or key.startswith("peftclip_"):
             continue
         state[canonical_name(key)] = tensor
     # Copies, not views: the caller may unmerge the live weights before writing these out.

@@ -41,14 +41,16 @@ __all__ = [
     "AdapterError",
     "METADATA_NAME",
     "METRICS_NAME",
+    "PEFT_METHODS",
     "SAFETENSORS_WEIGHTS_NAME",
     "SAVE_DTYPES",
     "SavedAdapter",
     "adapter_tensors",
     "check_base",
-    "check_lora_keys",
     "check_output_dir",
+    "check_peft_keys",
     "is_adapter_folder",
+    "is_peft_tensor",
     "lock_output_dir",
     "portable_training",
     "load_adapter",
@@ -68,6 +70,8 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Every file peftclip writes into an adapter folder; a folder holding anything else is the user's.
 ADAPTER_FOLDER_FILES = frozenset({ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, METADATA_NAME, METRICS_NAME,
                                   "README.md", "training_curves.png"})
+# The strategy methods that PEFT applies, with PEFT's `peft_type` and the prefix of its tensors' names.
+PEFT_METHODS = {"lora": ("LORA", "lora_"), "ia3": ("IA3", "ia3_")}
 # Floating-point dtypes an adapter may be written in (torch's names); tensors are cast back to the model's on load.
 SAVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -76,15 +80,20 @@ class AdapterError(ValueError):
     """An adapter folder that cannot be used: missing, altered, unsafe or for another base."""
 
 
+def is_peft_tensor(name: str) -> bool:
+    """Whether tensor `name` belongs to a PEFT tuner (LoRA's `lora_A`, IA³'s `ia3_l`, ...)."""
+    return any(prefix in name for _, prefix in PEFT_METHODS.values())
+
+
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """Every tensor an adapter consists of: PEFT's LoRA weights plus unfrozen base or added parameters."""
+    """Every tensor an adapter consists of: PEFT's tuner weights plus unfrozen base or added parameters."""
     import peft
 
     tensors = {}
     if isinstance(model, peft.PeftModel):
         tensors.update(peft.get_peft_model_state_dict(model, adapter_name=adapter_name))
     for name, param in inner_model(model).named_parameters():
-        if param.requires_grad and "lora_" not in name:
+        if param.requires_grad and not is_peft_tensor(name):
             tensors[name] = param
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
@@ -119,14 +128,14 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
                  adapter_name: str = "default", save_dtype: str = "fp32", overwrite: bool = True) -> Path:
     """Write `model`'s trainable adapter as a folder that `load_adapter` reads back.
 
-    The folder holds `adapter_model.safetensors` (every adapter tensor, LoRA keys as PEFT
-    names them), `adapter_config.json` (PEFT's config, when LoRA is on) and
+    The folder holds `adapter_model.safetensors` (every adapter tensor, LoRA and IA³ keys as PEFT
+    names them), `adapter_config.json` (PEFT's config, when LoRA or IA³ is on) and
     `peftclip_config.json` (base identity, strategy, training config, weights checksum).
     It is assembled under a temporary name beside `output_dir` and renamed into place, so a
     crash leaves either the previous folder or the new one, never a mix.
 
     Args:
-        model: the adapted model (a `peft.PeftModel` when LoRA is on).
+        model: the adapted model (a `peft.PeftModel` when LoRA or IA³ is on).
         output_dir: destination folder: absent, empty, or an adapter folder peftclip wrote (replaced
             when `overwrite`); anything else is refused.
         base_info: `BaseModel.info` of the base the adapter was trained on.
@@ -163,7 +172,7 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
             peft_config.base_model_name_or_path = hub_base_model(base_info) or base_info.get("model_name")
             from .interop import unloaded_tensors_hint  # interop imports io
 
-            unloaded_tensors_hint(peft_config, [k for k in state if "lora_" not in k])
+            unloaded_tensors_hint(peft_config, [k for k in state if not is_peft_tensor(k)])
             peft_config.save_pretrained(str(tmp))
             metadata["adapter_config_sha256"] = file_sha256(tmp / ADAPTER_CONFIG_NAME)
         metadata["metadata_sha256"] = _metadata_sha256(metadata)
@@ -383,13 +392,14 @@ def _check_folder(adapter_dir: Path, check_strategy: bool = True) -> tuple[dict[
         except (ValueError, TypeError, KeyError) as e:
             raise AdapterError(f"{adapter_dir / METADATA_NAME}: bad strategy ({e})") from e
     config_path = adapter_dir / ADAPTER_CONFIG_NAME
-    if "lora" in metadata["strategy"]:
+    for method in PEFT_METHODS.keys() & metadata["strategy"].keys():
         if not config_path.is_file():
             raise AdapterError(f"{adapter_dir}: missing {ADAPTER_CONFIG_NAME}")
-        peft_config = _read_json(config_path)
-        if not isinstance(peft_config, dict) or peft_config.get("peft_type") != "LORA":
-            raise AdapterError(f"{config_path}: not a PEFT LoRA config (peft_type "
-                               f"{peft_config.get('peft_type') if isinstance(peft_config, dict) else None!r})")
+        peft_config, peft_type = _read_json(config_path), PEFT_METHODS[method][0]
+        found = peft_config.get("peft_type") if isinstance(peft_config, dict) else None
+        if found != peft_type:
+            raise AdapterError(f"{config_path}: not a PEFT {peft_type} config, which strategy {method!r} needs "
+                               f"(peft_type {found!r})")
         recorded = metadata.get("adapter_config_sha256")
         if recorded is not None and recorded != file_sha256(config_path):
             raise AdapterError(f"{config_path}: checksum mismatch (the file was edited or damaged)")
@@ -427,14 +437,19 @@ class SavedAdapter:
     tensors: dict[str, torch.Tensor]
 
     @property
-    def lora_tensors(self) -> dict[str, torch.Tensor]:
-        """PEFT's LoRA weights, keyed as `peft.get_peft_model_state_dict` names them."""
-        return {k: v for k, v in self.tensors.items() if "lora_" in k}
+    def peft_method(self) -> str | None:
+        """The strategy method PEFT applies ("lora", "ia3"), or None."""
+        return next((m for m in PEFT_METHODS if getattr(self.spec, m) is not None), None)
+
+    @property
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT's tuner weights (LoRA's A and B, IA³'s vectors), named as `peft.get_peft_model_state_dict` does."""
+        return {k: v for k, v in self.tensors.items() if is_peft_tensor(k)}
 
     @property
     def other_tensors(self) -> dict[str, torch.Tensor]:
         """Unfrozen base parameters and added modules (prompts, head), by parameter name."""
-        return {k: v for k, v in self.tensors.items() if "lora_" not in k}
+        return {k: v for k, v in self.tensors.items() if not is_peft_tensor(k)}
 
 
 def read_adapter(adapter_dir: str | os.PathLike, base_info: dict[str, Any] | None = None) -> SavedAdapter:
@@ -459,11 +474,12 @@ def read_adapter(adapter_dir: str | os.PathLike, base_info: dict[str, Any] | Non
     return SavedAdapter(adapter_dir, metadata, spec, tensors)
 
 
-def check_lora_keys(saved: SavedAdapter, expected: set[str]) -> None:
-    """Refuse an adapter whose LoRA tensors are not exactly those its config creates (`expected`)."""
-    given = set(saved.lora_tensors)
+def check_peft_keys(saved: SavedAdapter, expected: set[str]) -> None:
+    """Refuse an adapter whose PEFT tensors are not exactly those its config creates (`expected`)."""
+    given = set(saved.peft_tensors)
     if given != expected:
-        raise AdapterError(f"{saved.folder}: LoRA tensors do not match its config (missing "
+        kind = {"lora": "LoRA", "ia3": "IA³"}.get(saved.peft_method, "PEFT")
+        raise AdapterError(f"{saved.folder}: {kind} tensors do not match its config (missing "
                            f"{sorted(expected - given)[:3]}, unexpected {sorted(given - expected)[:3]})")
 
 
@@ -499,9 +515,9 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
     try:
         head_weights = torch.zeros(spec.head.n_classes, image_embed_dim(base.model)) if spec.head else None
         model, _ = apply_strategy(base.model, spec, base.tokenizer, adapter_name, head_weights=head_weights)
-        if spec.lora is not None:
-            check_lora_keys(saved, set(peft.get_peft_model_state_dict(model, adapter_name=adapter_name)))
-            peft.set_peft_model_state_dict(model, saved.lora_tensors, adapter_name=adapter_name)
+        if isinstance(model, peft.PeftModel):
+            check_peft_keys(saved, set(peft.get_peft_model_state_dict(model, adapter_name=adapter_name)))
+            peft.set_peft_model_state_dict(model, saved.peft_tensors, adapter_name=adapter_name)
         _load_extra_tensors(saved.folder, inner_model(model), saved.other_tensors)
     except (RuntimeError, ValueError, KeyError) as e:
         raise AdapterError(f"{saved.folder}: cannot load onto {base.info.get('model_name')}: {e}") from e
@@ -512,10 +528,10 @@ def load_adapter(base: BaseModel, adapter_dir: str | os.PathLike, adapter_name: 
 
 
 def _load_extra_tensors(adapter_dir: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved non-LoRA tensors into `model`'s parameters of the same names; they must match exactly."""
+    """Copy saved non-PEFT tensors into `model`'s parameters of the same names; they must match exactly."""
     import torch
 
-    expected = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    expected = {n for n, p in model.named_parameters() if p.requires_grad and not is_peft_tensor(n)}
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise AdapterError(f"{adapter_dir}: tensors do not match the strategy (missing {missing[:3]}, "

@@ -13,6 +13,7 @@ from .attention import convert_attention
 from .clip_adapter import ClipAdapterConfig, attach_clip_adapter
 from .cocoop import attach_cocoop_prompt
 from .heads import HeadConfig, attach_head
+from .ia3 import ClipIA3Config, apply_ia3
 from .lora import ClipLoraConfig, apply_lora
 from .maple import MapleConfig, attach_maple_prompt
 from .partial import PartialConfig, apply_partial
@@ -44,6 +45,8 @@ class StrategyConfig(ConfigMixin):
                 "2022)."})
     maple: bool = field(default=False, metadata={
         "help": "MaPLe: text prompts at the first J blocks, vision prompts coupled to them (Khattak et al., 2023)."})
+    ia3: bool = field(default=False, metadata={
+        "help": "IA³: learned vectors rescaling the ia3 section's layers, through PEFT (Liu et al., 2022)."})
 
 
 # attach(inner model, config, context): context holds "tokenizer" (replaced by one that takes prompts into
@@ -56,8 +59,8 @@ class MethodEntry:
     """One adapter method: its config dataclass and how it attaches to the (unwrapped) model.
 
     A method is on when its `StrategyConfig` flag of the same name is, or, without a flag
-    (partial), when its section says it is `active`. LoRA wraps the model, so `apply_strategy`
-    applies it first, through PEFT; `attach` is None for it.
+    (partial), when its section says it is `active`. LoRA and IA³ wrap the model, so `apply_strategy`
+    applies them first, through PEFT; `attach` is None for them.
     """
 
     config: type
@@ -92,6 +95,7 @@ METHODS: dict[str, MethodEntry] = {
     "clip_adapter": MethodEntry(ClipAdapterConfig, lambda inner, config, _: attach_clip_adapter(inner, config)),
     "cocoop": MethodEntry(TextPromptConfig, _attach_cocoop, section="text_prompt"),
     "maple": MethodEntry(MapleConfig, _attach_maple),
+    "ia3": MethodEntry(ClipIA3Config, None),
     "head": MethodEntry(HeadConfig, lambda inner, config, ctx: attach_head(inner, config, ctx["head_weights"])),
 }
 
@@ -117,6 +121,7 @@ class AdapterSpec:
     clip_adapter: ClipAdapterConfig | None = None
     cocoop: TextPromptConfig | None = None
     maple: MapleConfig | None = None
+    ia3: ClipIA3Config | None = None
 
     def __post_init__(self) -> None:
         if pair := self._contradiction():
@@ -124,6 +129,8 @@ class AdapterSpec:
 
     def _contradiction(self) -> tuple[str, str, str] | None:
         """The first pair of settings that ask for opposite things, with why, or None."""
+        if self.lora is not None and self.ia3 is not None:  # PEFT holds one tuner type per model
+            return "LoRA", "--ia3", "LoRA and IA³ both wrap the model through PEFT; pick one (--no-lora for IA³)"
         for first, second in (("cocoop", "text_prompt"), ("maple", "text_prompt"), ("maple", "visual_prompt")):
             if getattr(self, first) is not None and getattr(self, second) is not None:
                 return f"--{first}", f"--{second.replace('_', '-')}", "both bring their own prompts; pick one"
@@ -177,7 +184,7 @@ def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | No
                    **peft_overrides: Any) -> tuple[nn.Module, Callable | None]:
     """Make exactly the parameters of the chosen methods trainable.
 
-    Returns the model (a `peft.PeftModel` when LoRA is on) and the tokenizer texts must go
+    Returns the model (a `peft.PeftModel` when LoRA or IA³ is on) and the tokenizer texts must go
     through (the prompt-aware one when text prompts are on, else `tokenizer`). With a head,
     the model also gets `classify(images) -> logits` (see `classifier`); `head_weights`
     are its zero-shot initial weights.
@@ -191,6 +198,8 @@ def apply_strategy(model: nn.Module, spec: AdapterSpec, tokenizer: Callable | No
     convert_attention(model)
     if spec.lora is not None:
         model = apply_lora(model, spec.lora, adapter_name, **peft_overrides)
+    elif spec.ia3 is not None:
+        model = apply_ia3(model, spec.ia3, adapter_name, **peft_overrides)
     inner, context = inner_model(model), {"tokenizer": tokenizer, "head_weights": head_weights}
     for name, config in spec._methods().items():
         attach = METHODS[name].attach
