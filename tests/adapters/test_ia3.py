@@ -152,6 +152,16 @@ def test_adapted_clip_switches_between_ia3_adapters_and_the_base(saved):
         assert torch.allclose(_encode(clip.model, clip.base), want, atol=TOL, rtol=0), name
 
 
+def test_adapted_clip_refuses_ia3_beside_lora_and_keeps_lora_working(saved):
+    # PEFT holds one tuner type per PeftModel and its PeftMixedModel has no IA³ (peft 0.21)
+    clip = AdaptedCLIP(load_base())
+    clip.load_adapter(saved["lora"][0], "lora")
+    with pytest.raises(AdapterError, match="IA3 adapter cannot join the LORA adapters.*another AdaptedCLIP"):
+        clip.load_adapter(saved["ia3"][0], "ia3")
+    assert clip.adapters == ["lora"] and clip.active_adapter == "lora"
+    assert torch.allclose(_encode(clip.model, clip.base), saved["lora"][1], atol=TOL, rtol=0)
+
+
 def test_merge_and_export_give_the_adapters_outputs(saved, tmp_path):
     clip = AdaptedCLIP(load_base())
     clip.load_adapter(saved["ia3"][0], "ia3")
