@@ -23,6 +23,7 @@ from .prompts import (
     attach_text_prompt,
     attach_visual_prompt,
 )
+from .tip_adapter import TipAdapterConfig, attach_tip_adapter
 
 __all__ = ["METHODS", "AdapterSpec", "MethodEntry", "StrategyConfig", "apply_strategy", "inner_model",
            "method_sections"]
@@ -45,6 +46,9 @@ class StrategyConfig(ConfigMixin):
                 "2022)."})
     maple: bool = field(default=False, metadata={
         "help": "MaPLe: text prompts at the first J blocks, vision prompts coupled to them (Khattak et al., 2023)."})
+    tip_adapter: bool = field(default=False, metadata={
+        "help": "Tip-Adapter: a cache of the few-shot image features blended with zero-shot logits, built without "
+                "training; -F with --fine-tune (Zhang et al., 2022). Classification only."})
     ia3: bool = field(default=False, metadata={
         "help": "IA³: learned vectors rescaling the ia3 section's layers, through PEFT (Liu et al., 2022)."})
 
@@ -97,6 +101,7 @@ METHODS: dict[str, MethodEntry] = {
     "maple": MethodEntry(MapleConfig, _attach_maple),
     "ia3": MethodEntry(ClipIA3Config, None),
     "head": MethodEntry(HeadConfig, lambda inner, config, ctx: attach_head(inner, config, ctx["head_weights"])),
+    "tip_adapter": MethodEntry(TipAdapterConfig, lambda inner, config, _: attach_tip_adapter(inner, config)),
 }
 
 
@@ -121,6 +126,7 @@ class AdapterSpec:
     clip_adapter: ClipAdapterConfig | None = None
     cocoop: TextPromptConfig | None = None
     maple: MapleConfig | None = None
+    tip_adapter: TipAdapterConfig | None = None
     ia3: ClipIA3Config | None = None
 
     def __post_init__(self) -> None:

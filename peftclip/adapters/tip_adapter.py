@@ -9,7 +9,8 @@ so α weighs the cache against CLIP's zero-shot classifier and β sharpens the a
 the cache takes no gradient step; α and β are searched on a held-out split
 (`search_alpha_beta`). Tip-Adapter-F fine-tunes the keys (`finetune_keys`) on the same cached
 features, as the paper does. The adapter is two named tensors plus α and β, saved as one small
-safetensors file (`save_tip_adapter` / `load_tip_adapter`).
+safetensors file (`save_tip_adapter` / `load_tip_adapter`), or, as the `tip_adapter` registry method,
+attached to the model as `peftclip_tip_adapter` and saved in its adapter folder like any added module.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from ..utils import ConfigMixin, write_safetensors_atomic
+from ..utils import ConfigMixin, inner_model, write_safetensors_atomic
 
-__all__ = ["TIP_ADAPTER_NAME", "TipAdapter", "TipAdapterConfig", "create_tip_adapter", "finetune_keys",
-           "load_tip_adapter", "save_tip_adapter", "search_alpha_beta"]
+__all__ = ["TIP_ADAPTER_NAME", "TipAdapter", "TipAdapterClassifier", "TipAdapterConfig", "attach_tip_adapter",
+           "create_tip_adapter", "finetune_keys", "load_tip_adapter", "save_tip_adapter", "search_alpha_beta",
+           "set_tip_adapter"]
 
 TIP_ADAPTER_NAME = "peftclip_tip_adapter"  # its attribute on a model, so its tensors' names start with it
 
@@ -41,37 +43,71 @@ class TipAdapterConfig(ConfigMixin):
 
     alpha: float = field(default=1.0, metadata={"help": "Weight of the cache logits against the zero-shot ones."})
     beta: float = field(default=5.5, metadata={"help": "Sharpness of the affinities exp(-beta (1 - f K^T))."})
-    finetune_keys: bool = field(default=False, metadata={
-        "help": "Tip-Adapter-F: make the cache keys trainable (the values stay the one-hot labels)."})
+    fine_tune: bool = field(default=False, metadata={
+        "help": "Tip-Adapter-F: train the cache keys (the values stay the one-hot labels)."})
+    search: bool = field(default=False, metadata={
+        "help": "Pick alpha and beta on a grid by the accuracy on held-out training images (as many shots "
+                "again per class, none in the cache), as the paper does."})
+    n_classes: int = field(default=0, metadata={"help": "Classes the cache's values span (set from the data)."})
+    cache_size: int = field(default=0, metadata={"help": "Images in the cache (set from the data)."})
 
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise ValueError(f"alpha={self.alpha}: must be non-negative")
         if self.beta < 0:
             raise ValueError(f"beta={self.beta}: must be non-negative")
+        for name in ("n_classes", "cache_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be non-negative")
 
 
 class TipAdapter(nn.Module):
-    """The cache model: keys (N, D) of normalised few-shot features, values (N, C) of one-hot labels."""
+    """The cache model: keys (N, D) of normalised few-shot features, values (N, C) of one-hot labels.
+
+    Both are parameters, so an adapter folder saves and loads them by name as any added module's.
+    Gradients reach the keys only with `fine_tune` (Tip-Adapter-F) and never the values, which
+    are the labels: an optimizer holding them leaves them as they are.
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, config: TipAdapterConfig) -> None:
         super().__init__()
         if keys.ndim != 2 or values.ndim != 2 or len(keys) != len(values):
             raise ValueError(f"cache keys {tuple(keys.shape)} and values {tuple(values.shape)} must be (N, D), (N, C)")
-        self.cache_keys = nn.Parameter(keys.clone(), requires_grad=config.finetune_keys)
-        self.register_buffer("cache_values", values.clone())
-        self.alpha, self.beta = config.alpha, config.beta
+        self.cache_keys = nn.Parameter(keys.clone())
+        self.cache_values = nn.Parameter(values.clone())
+        self.alpha, self.beta, self.fine_tune = config.alpha, config.beta, config.fine_tune
 
     def cache_logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """(B, C) exp(−β(1 − f·Kᵀ))·V for (B, D) image features (normalised here)."""
-        affinity = F.normalize(image_features, dim=-1) @ self.cache_keys.T  # (B, N)
-        return torch.exp(-self.beta * (1 - affinity)) @ self.cache_values
+        keys = self.cache_keys if self.fine_tune else self.cache_keys.detach()
+        affinity = F.normalize(image_features, dim=-1) @ keys.T  # (B, N)
+        return torch.exp(-self.beta * (1 - affinity)) @ self.cache_values.detach()
 
     def forward(self, image_features: torch.Tensor, zero_shot_logits: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits (B, C) plus α times the cache logits."""
         if self.alpha == 0:
             return zero_shot_logits
         return zero_shot_logits + self.alpha * self.cache_logits(image_features)
+
+
+def set_tip_adapter(model: nn.Module, adapter: TipAdapter | None) -> None:
+    """Make `adapter` the model's Tip-Adapter (None: none), as `AdaptedCLIP` switches adapters."""
+    model.register_module(TIP_ADAPTER_NAME, adapter)
+
+
+def attach_tip_adapter(model: nn.Module, config: TipAdapterConfig) -> TipAdapter:
+    """An empty cache of `config`'s size on `model`.
+
+    The classify recipe fills it from the few-shot features (`create_tip_adapter`) without a step,
+    and trains only its keys for Tip-Adapter-F; loading an adapter folder fills it from the file.
+    """
+    from .heads import image_embed_dim
+
+    device = next(model.parameters()).device
+    adapter = TipAdapter(torch.zeros(config.cache_size, image_embed_dim(model)),
+                         torch.zeros(config.cache_size, config.n_classes), config).to(device)
+    set_tip_adapter(model, adapter)
+    return adapter
 
 
 def create_tip_adapter(features: torch.Tensor, labels: Sequence[int] | torch.Tensor, n_classes: int,
@@ -119,7 +155,7 @@ def finetune_keys(adapter: TipAdapter, features: torch.Tensor, zero_shot_logits:
     schedule; the values stay fixed.
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
-    adapter.cache_keys.requires_grad_(True)
+    adapter.fine_tune = True
     optimizer = torch.optim.AdamW([adapter.cache_keys], lr=lr, eps=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     losses = []
@@ -151,4 +187,28 @@ def load_tip_adapter(path: str | os.PathLike) -> TipAdapter:
     if missing:
         raise ValueError(f"{path}: not a Tip-Adapter file (missing {missing})")
     config = TipAdapterConfig(alpha=float(metadata["alpha"]), beta=float(metadata["beta"]))
-    return TipAdapter(tensors["cache_keys"], tensors["cache_values"], config)
+    return TipAdapter(tensors["cache_keys"], tensors["cache_values"], config).requires_grad_(False)
+
+
+class TipAdapterClassifier(nn.Module):
+    """`images -> zero-shot + α · cache logits` through `model`'s Tip-Adapter, as a module (DDP wraps its forward).
+
+    `model` may be the feature cache's wrapper, whose `encode_image` takes cached image features.
+
+    Args:
+        model: the model holding an attached `TipAdapter` (`peftclip_tip_adapter`).
+        zero_shot_weights: (C, D) normalised class embeddings of the zero-shot classifier.
+    """
+
+    def __init__(self, model: nn.Module, zero_shot_weights: torch.Tensor) -> None:
+        super().__init__()
+        if not isinstance(getattr(inner_model(model), TIP_ADAPTER_NAME, None), TipAdapter):
+            raise ValueError("this model has no Tip-Adapter; enable the tip_adapter strategy")
+        self.model = model
+        self.register_buffer("zero_shot_weights", zero_shot_weights, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        inner = inner_model(self.model)
+        features = self.model.encode_image(images, normalize=True)
+        zero_shot = inner.logit_scale.exp() * features @ self.zero_shot_weights.T
+        return getattr(inner, TIP_ADAPTER_NAME)(features, zero_shot)

@@ -38,10 +38,17 @@ from peftclip.adapters.heads import (
     zero_shot_weights,
 )
 from peftclip.adapters.strategy import method_sections
+from peftclip.adapters.tip_adapter import (
+    TIP_ADAPTER_NAME,
+    TipAdapterClassifier,
+    create_tip_adapter,
+    search_alpha_beta,
+    set_tip_adapter,
+)
 from peftclip.cache import FeatureCache, cache_image_tower
 from peftclip.data import DataConfig, EvalImages, LabelledImages, load_labelled
 from peftclip.evaluate import classification_accuracy
-from peftclip.fewshot import select_shots
+from peftclip.fewshot import few_shot_indices, select_shots
 from peftclip.io import check_output_dir, save_adapter, save_metrics
 from peftclip.losses import contrastive_step, cross_entropy_step
 from peftclip.models import BaseConfig, load_base
@@ -50,6 +57,7 @@ from peftclip.synthetic import default_data_dir, make_shapes_dataset
 from peftclip.tracking import TrainingMonitor, save_curves
 from peftclip.train import (
     TrainConfig,
+    TrainResult,
     embed_dataset,
     format_metrics_table,
     images_per_second,
@@ -114,7 +122,7 @@ def _cocoop_classifier(model, tokenize, class_names, templates):
     return CoCoOpClassifier(model, tokens.to(next(inner_model(model).parameters()).device), len(templates))
 
 
-def _objective(config, model, tokenize, class_names):
+def _objective(config, model, tokenize, class_names, weights):
     """(module to train, compute_loss(prepared, batch)) for the chosen objective.
 
     The loss runs the prepared module's forward once per batch, with every trainable parameter
@@ -131,6 +139,8 @@ def _objective(config, model, tokenize, class_names):
         return classifier(model), cross_entropy_step
     if config["strategy"].cocoop:
         return _cocoop_classifier(model, tokenize, class_names, templates), cross_entropy_step
+    if config["strategy"].tip_adapter:
+        return TipAdapterClassifier(model, weights), cross_entropy_step
     return model, lambda prepared, batch: cross_entropy_step(
         _text_classifier(prepared, tokenize, class_names, templates), batch)
 
@@ -151,6 +161,47 @@ def _check_text_tower_trains(config: dict) -> None:
                          "pass --no-head (on by default) and no --objective flyp")
 
 
+def _check_tip_adapter(config: dict, spec: AdapterSpec) -> None:
+    """Tip-Adapter caches the frozen base's features: alone, and searching only with shots to hold out."""
+    others = sorted(set(spec.to_dict()) - {"tip_adapter"})
+    if spec.tip_adapter is None:
+        return
+    if others:
+        raise ValueError(f"--tip-adapter caches the frozen base's image features, so it runs alone; also on: "
+                         f"{others} (pass --no-lora --no-head, both on by default, and no other method)")
+    if spec.tip_adapter.search and not config["classify"].shots:
+        raise ValueError("--search picks alpha and beta on as many held-out shots again per class: give --shots")
+
+
+def _base_features(accelerator, base, data, config) -> torch.Tensor:
+    """The frozen base's normalised image features of labelled `data`, unaugmented."""
+    with torch.no_grad():
+        return embed_dataset(accelerator, lambda x: base.model.encode_image(x, normalize=True),
+                             LabelledImages(data, base.preprocess_val), config.eval_batch_size, config.num_workers)
+
+
+def _build_tip_cache(accelerator, base, model, train_data, spec, config) -> None:
+    """Fill the model's Tip-Adapter with the normalised features and one-hot labels of `train_data` (no step)."""
+    features = _base_features(accelerator, base, train_data, config["train"])
+    adapter = create_tip_adapter(features, train_data.labels, spec.tip_adapter.n_classes, spec.tip_adapter)
+    set_tip_adapter(inner_model(model), adapter.to(features.device))
+
+
+def _search_tip_adapter(accelerator, base, model, pool, weights, config) -> dict:
+    """Set the Tip-Adapter's (α, β) best on `shots` more images per class of `pool`, none of them in the cache."""
+    shots, seed = config["classify"].shots, stable_seed(config["data"].split_seed, config["train"].seed)
+    cached = set(few_shot_indices(pool.labels, shots, seed, pool.class_names))
+    rest = [i for i in range(len(pool.labels)) if i not in cached]
+    held = [rest[i] for i in few_shot_indices([pool.labels[i] for i in rest], shots, seed + 1, pool.class_names)]
+    held_out = replace(pool, images=[pool.images[i] for i in held], labels=[pool.labels[i] for i in held],
+                       names=[pool.names[i] for i in held])
+    features = _base_features(accelerator, base, held_out, config["train"])
+    zero_shot = base.model.logit_scale.exp().detach() * features @ weights.T
+    alpha, beta, accuracy = search_alpha_beta(getattr(inner_model(model), TIP_ADAPTER_NAME), features, zero_shot,
+                                              held_out.labels)
+    return {"alpha": alpha, "beta": beta, "held_out_top1": 100.0 * accuracy, "held_out_images": len(held)}
+
+
 def _accuracy(accelerator, predict, images, labels, n_classes, config):
     model_logits = embed_dataset(accelerator, predict, images, config.eval_batch_size, config.num_workers)
     return classification_accuracy(model_logits, labels, n_classes)
@@ -162,6 +213,7 @@ def training_function(config: dict, accelerator) -> dict:
     base = load_base(config["base"], device=accelerator.device)
     with accelerator.main_process_first():
         train_data, test_data = load_labelled(config["data"])
+    pool = train_data
     if config["classify"].shots:
         train_data = select_shots(train_data, config["classify"].shots,
                                   stable_seed(config["data"].split_seed, config["train"].seed))
@@ -174,9 +226,13 @@ def training_function(config: dict, accelerator) -> dict:
         before = _accuracy(accelerator, lambda x: base.model.encode_image(x, normalize=True) @ weights.T,
                            test_images, test_data.labels, n_classes, config["train"])
     sections = {**config, "head": HeadConfig(n_classes=n_classes, init=config["head"].init),
-                "text_prompt": replace(config["text_prompt"], n_classes=n_classes)}
+                "text_prompt": replace(config["text_prompt"], n_classes=n_classes),
+                "tip_adapter": replace(config["tip_adapter"], n_classes=n_classes, cache_size=len(train_data.labels))}
     spec = AdapterSpec.from_sections(config["strategy"], sections)
+    _check_tip_adapter(config, spec)
     model, tokenize = apply_strategy(base.model, spec, base.tokenizer, head_weights=weights)
+    if spec.tip_adapter is not None:
+        _build_tip_cache(accelerator, base, model, train_data, spec, config)
     augment = config["data"].augment
     train_set = LabelledImages(train_data, base.preprocess_train if augment else base.preprocess_val,
                                seed=config["train"].seed, max_bad_fraction=config["data"].max_bad_fraction)
@@ -186,13 +242,15 @@ def training_function(config: dict, accelerator) -> dict:
         train_model, train_set = cache_image_tower(model, train_set, base.info, augment, cache, accelerator.device)
         if train_model is not model:
             accelerator.print(f"feature cache: {train_model.modes}")
-    train_module, compute_loss = _objective(config, train_model, tokenize, names)
+    train_module, compute_loss = _objective(config, train_model, tokenize, names, weights)
 
     def evaluate():
         was_training = model.training
         model.eval()
         if spec.head:
             predict = classifier(model)
+        elif spec.tip_adapter:
+            predict = TipAdapterClassifier(model, weights)
         elif spec.cocoop:
             predict = _cocoop_classifier(model, tokenize, names, templates)
         else:
@@ -210,10 +268,18 @@ def training_function(config: dict, accelerator) -> dict:
 
     with TrainingMonitor.from_config(accelerator, config["train"], evaluate, save) as monitor:
         monitor.start(config, before)
-        result = train(train_module, train_set, config["train"], accelerator, compute_loss,
-                       fingerprint=result_fingerprint(config, base.info), monitor=monitor)
+        if spec.tip_adapter is not None and not spec.tip_adapter.fine_tune:
+            result = TrainResult(losses=[])  # the cache is the adapter: no step
+        else:
+            result = train(train_module, train_set, config["train"], accelerator, compute_loss,
+                           fingerprint=result_fingerprint(config, base.info), monitor=monitor)
+        searched = {}
+        if spec.tip_adapter is not None and spec.tip_adapter.search:
+            search = _search_tip_adapter(accelerator, base, model, pool, weights, config)
+            spec.tip_adapter.alpha, spec.tip_adapter.beta = search["alpha"], search["beta"]  # saved in the spec
+            searched["tip_adapter_search"] = search
         after = evaluate()
-        metrics = {"before": before, "after": after, "steps": len(result.losses), "class_names": names,
+        metrics = {**searched, "before": before, "after": after, "steps": len(result.losses), "class_names": names,
                    "train_images": len(train_data.images), "skipped_rows": train_data.skipped + test_data.skipped,
                    "train_images_per_second": images_per_second(result.step_seconds, monitor.images_per_step),
                    **monitor.finish(len(result.losses), after)}
@@ -253,7 +319,7 @@ def run_seeds(config: dict, accelerator) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; bad input exits with status 2 and a one-line error."""
-    parser = recipe_parser(__doc__, SECTIONS, skip=frozenset({"n_classes"}))  # the data gives the class count
+    parser = recipe_parser(__doc__, SECTIONS, skip=frozenset({"n_classes", "cache_size"}))  # the data gives these
     # A head objective leaves the text tower's trainable parameters (e.g. text_projection) without a
     # gradient: DDP must be told, or it waits for them.
     return run_recipe(argv, parser, SECTIONS, DEFAULTS,

@@ -46,8 +46,9 @@ from peftclip.train import (
 )
 from peftclip.utils import cache_root
 
-# A head is for classification: every other method's section comes from the method registry.
-SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig, **method_sections(exclude=("head",)),
+# A head and Tip-Adapter are for classification: every other method's section comes from the method registry.
+SECTIONS = {"base": BaseConfig, "data": DataConfig, "strategy": StrategyConfig,
+            **method_sections(exclude=("head", "tip_adapter")),
             "train": TrainConfig}
 # The built-in default: tiny random base, LoRA, the generated shapes task (peftclip/synthetic.py).
 DEFAULTS = {"train": {"epochs": 40, "lr": 3e-3, "batch_size": 64, "warmup_steps": 20,
@@ -80,6 +81,9 @@ def training_function(config: dict, accelerator) -> dict:
         # text tower B² times a batch (and N_images times per caption at retrieval): CoCoOp is for class names.
         raise ValueError("--cocoop needs class names to condition on each image; image-caption retrieval has none "
                          "(use peftclip train classify --cocoop, or --text-prompt for CoOp here)")
+    if config["strategy"].tip_adapter:
+        raise ValueError("--tip-adapter caches labelled few-shot images for classification; use peftclip train "
+                         "classify --tip-adapter")
     base = load_base(config["base"], device=accelerator.device)
     spec = AdapterSpec.from_sections(config["strategy"], config)
     model, tokenize = apply_strategy(base.model, spec, base.tokenizer)
