@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from peftclip.adapters.cocoop import cocoop_logits
 from peftclip.adapters.lora import ClipLoraConfig
@@ -15,8 +14,10 @@ from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, read_metadata, save_adapter
 from peftclip.models import load_base
 from peftclip.recipes import classify, lora_retrieval
+from tests.adapters import test_tip_adapter
 from tests.conftest import randomly_trained, shared_data
 
+optimizer_steps = test_tip_adapter.optimizer_steps  # the fixture counting every optimizer step
 COMMON = ["--max-steps", "2", "--batch-size", "16", "--num-workers", "0", "--val-fraction", "0.25",
           "--weight-decay", "0", "--no-lora", "--no-head"]
 
@@ -99,15 +100,6 @@ def test_cocoop_refusals_name_why(shapes, tmp_path, capsys, recipe, flags, messa
 
 CIFAR = ["--val-split", "test", "--max-val-images", "40", "--shots", "16", "--num-workers", "0", "--no-lora",
          "--no-head", "--tip-adapter", "--weight-decay", "0"]
-
-
-@pytest.fixture
-def optimizer_steps():
-    """A list that grows by one at every optimizer step taken anywhere during the test."""
-    steps: list[int] = []
-    handle = register_optimizer_step_pre_hook(lambda *args: steps.append(1))
-    yield steps
-    handle.remove()
 
 
 @pytest.fixture(scope="module")
