@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftclip.adapters.attention import convert_attention
-from peftclip.adapters.lora import TARGETS, ClipLoraConfig, apply_lora, lora_target_names
+from peftclip.adapters.lora import TARGETS, ClipLoraConfig, LeanLoraLinear, apply_lora, lora_target_names
 from peftclip.models import load_base
 from tests.conftest import image_batch, text_batch
 
@@ -125,3 +127,51 @@ def test_peftclips_lora_config_never_shadows_peft_lora_config():
     assert namespace["LoraConfig"] is peft.LoraConfig and namespace["ClipLoraConfig"] is peftclip.ClipLoraConfig
     base = load_base()
     assert isinstance(to_peft_config(base.model, peftclip.ClipLoraConfig(r=2)), peft.LoraConfig)
+
+
+def _lora_linear(lean: bool, seed: int = 0):
+    """One LoRA-wrapped linear (4 -> 6, r=2, non-zero B): peftclip's lean layer or PEFT's own."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    config = peft.LoraConfig(r=2, lora_alpha=3.0, target_modules=["0"], init_lora_weights=False)
+    if lean:
+        config._register_custom_module({torch.nn.Linear: LeanLoraLinear})
+    return peft.get_peft_model(model, config).get_base_model()[0]
+
+
+def test_lean_lora_linear_matches_peft_forward_and_gradients():
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    outputs = []
+    for lean in (True, False):
+        layer = _lora_linear(lean)
+        assert isinstance(layer, LeanLoraLinear) == lean
+        y = layer(x)
+        (grad_x,) = torch.autograd.grad((y * y).sum(), x, retain_graph=True)
+        grad_a, grad_b = torch.autograd.grad((y * y).sum(), [layer.lora_A["default"].weight,
+                                                              layer.lora_B["default"].weight])
+        outputs.append((y, grad_x, grad_a, grad_b))
+    for got, want in zip(*outputs):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+class _OutputSizedAllocations(TorchDispatchMode):
+    """Counts the aten results of `numel` elements in new storage (views and in-place ops reuse their input's)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.numel() == self.numel:
+            self.count += out.untyped_storage().data_ptr() not in inputs
+        return out
+
+
+@pytest.mark.parametrize(("lean", "allocations"), [(True, 1), (False, 4)])
+def test_lean_lora_linear_allocates_one_output_sized_tensor(lean, allocations):
+    layer, x = _lora_linear(lean), torch.randn(3, 5, 4, requires_grad=True)
+    with _OutputSizedAllocations(3 * 5 * 6) as counter:
+        layer(x)
+    assert counter.count == allocations  # PEFT: base output, B's product, its scaled copy, the sum
