@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from peftclip.models import BaseConfig, BaseModel, load_base
 
@@ -48,6 +49,15 @@ def tiny_base() -> BaseModel:
 def any_base(request) -> BaseModel:
     """A fresh base of each covered architecture (random weights)."""
     return load_base(BaseConfig(model_name=request.param))
+
+
+@pytest.fixture
+def optimizer_steps():
+    """A list that grows by one at every optimizer step taken anywhere during the test."""
+    steps: list[int] = []
+    handle = register_optimizer_step_pre_hook(lambda *args: steps.append(1))
+    yield steps
+    handle.remove()
 
 
 def randomly_trained(spec, seed: int):

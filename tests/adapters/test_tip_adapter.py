@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from peftclip.adapters.heads import zero_shot_weights
 from peftclip.adapters.tip_adapter import (
@@ -49,15 +48,6 @@ def cifar():
     scale = base.model.logit_scale.exp().item()
     return dict(base=base, shots=features["shots"], shot_labels=shot_labels, held=features["held"],
                 held_labels=held_labels, zero_shot=scale * features["held"] @ weights.T)
-
-
-@pytest.fixture
-def optimizer_steps():
-    """A list that grows by one at every optimizer step taken anywhere during the test."""
-    steps: list[int] = []
-    handle = register_optimizer_step_pre_hook(lambda *args: steps.append(1))
-    yield steps
-    handle.remove()
 
 
 def test_cache_is_built_without_an_optimizer_step(cifar, optimizer_steps):

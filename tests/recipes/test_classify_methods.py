@@ -14,10 +14,8 @@ from peftclip.inference import AdaptedCLIP
 from peftclip.io import load_adapter, read_metadata, save_adapter
 from peftclip.models import load_base
 from peftclip.recipes import classify, lora_retrieval
-from tests.adapters import test_tip_adapter
 from tests.conftest import randomly_trained, shared_data
 
-optimizer_steps = test_tip_adapter.optimizer_steps  # the fixture counting every optimizer step
 COMMON = ["--max-steps", "2", "--batch-size", "16", "--num-workers", "0", "--val-fraction", "0.25",
           "--weight-decay", "0", "--no-lora", "--no-head"]
 
