@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import peft
 import torch
 from peft.tuners.lora import Linear as _PeftLoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..families import FAMILIES, TOWERS, block_paths, family_of, tower_prefix
@@ -156,9 +157,9 @@ def _present(model: nn.Module, owner: str, paths: list[str]) -> list[str]:
 
 
 def _layer(model: nn.Module, name: str) -> nn.Linear | nn.Conv2d:
-    """The linear or convolution layer at `name`, looking through a PEFT wrapper if there is one."""
+    """The linear or convolution layer at `name`, looking through PEFT wrappers (LoRA, IA³, both) if there are any."""
     module = model.get_submodule(name)
-    module = getattr(module, "base_layer", module)
+    module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "groups", 1) != 1:
         raise ValueError(f"{name} is a {type(module).__name__}, not a linear or dense convolution layer; "
                          f"LoRA cannot adapt it")
