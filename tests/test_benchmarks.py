@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import feature_cache
 
 
@@ -66,3 +68,21 @@ def test_floor_runs_on_the_device_it_is_given():
     from benchmarks.floor import create_floor_step
     model, step = create_floor_step("peftclip-tiny", "lora", batch_size=2, device="cpu")
     assert step().device.type == "cpu" and next(model.parameters()).device.type == "cpu"
+
+
+def test_wds_loader_benchmark_quick_reads_every_sample_once_with_each_loader(tmp_path):
+    """peftclip's stream and open_clip_train's get_wds_dataset over the same tiny shards, 2 workers: one epoch each."""
+    from benchmarks import wds_loader
+    report = wds_loader.main(["--quick", "--root", str(tmp_path), "--results", str(tmp_path / "wds_loader"),
+                              "--timeout", "300"])
+    delivered = {name: (r["images"], r["distinct"], r["batches"]) for name, r in report["loaders"].items()}
+    assert delivered == {"peftclip": (64, 64, 8), "open_clip_train": (64, 64, 8)}
+    assert report["ratio"] > 0 and "peftclip / open_clip_train" in (tmp_path / "wds_loader.md").read_text()
+
+
+def test_wds_loader_benchmark_refuses_shards_that_would_hang_open_clip_train(tmp_path):
+    from benchmarks import wds_loader
+    argv = ["--shards-count", "2", "--per-shard", "16", "--batch-size", "64", "--root", str(tmp_path)]
+    with pytest.raises(ValueError, match="never fill a batch of 64"):
+        wds_loader.main(argv)
+    assert not any(tmp_path.iterdir())  # refused before writing shards or starting a loader
