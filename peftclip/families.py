@@ -30,10 +30,12 @@ __all__ = ["FAMILIES", "TOWERS", "TowerFamily", "block_paths", "family_of", "fin
            "tower_prefix"]
 
 TOWERS = ("vision", "text")
-_ATTENTION = {"q": ("attn.q_proj",), "k": ("attn.k_proj",), "v": ("attn.v_proj",), "out": ("attn.out_proj",)}
-# timm attention after `convert_attention` splits its fused `qkv` linear (see adapters/attention.py).
+# `qkv` is q, k and v in one linear (one A shared by the three), present when `convert_attention` runs with
+# fused_qkv=True; `q`, `k`, `v` are the split linears it makes otherwise (see adapters/attention.py).
+_ATTENTION = {"q": ("attn.q_proj",), "k": ("attn.k_proj",), "v": ("attn.v_proj",), "out": ("attn.out_proj",),
+              "qkv": ("attn.qkv_proj",)}
 _TIMM_ATTENTION = {"q": ("attn.qkv.q_proj", "attn.q_proj"), "k": ("attn.qkv.k_proj", "attn.k_proj"),
-                   "v": ("attn.qkv.v_proj", "attn.v_proj"), "out": ("attn.proj",)}
+                   "v": ("attn.qkv.v_proj", "attn.v_proj"), "out": ("attn.proj",), "qkv": ("attn.qkv",)}
 _TIMM_MLP = {"c_fc": ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x", "mlp.w0", "mlp.w1"), "c_proj": ("mlp.fc2", "mlp.w2")}
 
 
@@ -75,7 +77,8 @@ FAMILIES: tuple[TowerFamily, ...] = (
     TowerFamily("timm-fastvit", "vision", ("TimmModel:FastVit",), ("trunk.stages.*.blocks",),
                 "RepMixer and attention blocks, stages flattened (q/k/v/out exist in attention blocks only)",
                 {"q": ("token_mixer.qkv.q_proj",), "k": ("token_mixer.qkv.k_proj",), "v": ("token_mixer.qkv.v_proj",),
-                 "out": ("token_mixer.proj",), "c_fc": ("mlp.fc1",), "c_proj": ("mlp.fc2",)},
+                 "out": ("token_mixer.proj",), "qkv": ("token_mixer.qkv",), "c_fc": ("mlp.fc1",),
+                 "c_proj": ("mlp.fc2",)},
                 projections=("head.proj", "head.mlp", "trunk.head.fc")),
     TowerFamily("resnet", "vision", ("ModifiedResNet",), ("layer1", "layer2", "layer3", "layer4"),
                 "bottleneck blocks, stages flattened (the attention pool is adapted whatever --blocks says)",

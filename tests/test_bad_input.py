@@ -55,7 +55,7 @@ BAD_FLAGS = {
                         "pretrained weights file not found: /nowhere/weights.safetensors"),
     "rank_zero": (["--r", "0"], "r=0: the LoRA rank must be a positive integer"),
     "negative_lr": (["--lr", "-0.1"], "lr=-0.1: the learning rate must be positive"),
-    "unknown_target": (["--target-modules", "q", "qkv"], "unknown LoRA target 'qkv'"),
+    "unknown_target": (["--target-modules", "q", "qk"], "unknown LoRA target 'qk'"),
     "block_out_of_range": (["--blocks", "0,7"], "block index 7 is out of range for the vision tower"),
     "unknown_tower": (["--towers", "audio"], "unknown tower 'audio'"),
     "full_and_freeze": (["--no-lora", "--full", "--freeze", "vision"], "--full and --freeze contradict each other"),

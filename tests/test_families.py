@@ -17,6 +17,7 @@ from peftclip.adapters.attention import convert_attention
 from peftclip.adapters.lora import ClipLoraConfig, apply_lora, lora_target_names
 from peftclip.adapters.partial import PartialConfig, apply_partial
 from peftclip.families import block_paths, family_of, final_norm_names, projection_name
+from peftclip.inference import export_open_clip_state_dict
 from peftclip.losses import ContrastiveLoss
 from peftclip.models import BaseConfig, load_base
 from tests.conftest import image_batch
@@ -200,3 +201,41 @@ def test_new_proj_dim_on_a_module_projection_names_the_family():
     base = load_base(BaseConfig(model_name="peftclip-tiny-convnext"))
     with pytest.raises(ValueError, match="timm-convnext vision tower is a Linear"):
         apply_partial(base.model, PartialConfig(new_proj_dim=8))
+
+
+QKV = ClipLoraConfig(target_modules=["qkv", "out"], r=2, lora_alpha=3.0)
+
+
+@pytest.mark.usefixtures("tiny_hub")
+@pytest.mark.parametrize("family", ["vit", "timm-vit(siglip)"])
+def test_fused_qkv_lora_equals_hand_built_reference_and_exports_to_open_clip(family):
+    base, images, texts = _load(TINY[family])
+    model = base.model
+    plain = copy.deepcopy(model)
+    convert_attention(model, fused_qkv=True)
+    converted = copy.deepcopy(model)
+    peft_model = apply_lora(model, QKV, init_lora_weights=False)
+    assert all(n.endswith("qkv") or n.endswith("qkv_proj") or n.endswith(("out_proj", "proj"))
+               for n in lora_target_names(model, QKV))
+    reference = _reference(converted, peft_model, QKV)
+    peft_model.base_model.merge_adapter()
+    plain.load_state_dict(export_open_clip_state_dict(peft_model.get_base_model()))  # merged, open_clip's layout
+    with torch.no_grad():
+        for encode, inputs in (("encode_image", images), ("encode_text", texts)):
+            got, want = getattr(peft_model, encode)(inputs), getattr(reference, encode)(inputs)
+            assert torch.allclose(got, want, atol=TOL, rtol=0), f"{encode}: {(got - want).abs().max()}"
+            exported = getattr(plain, encode)(inputs)
+            assert torch.allclose(exported, want, atol=TOL, rtol=0), f"{encode}: {(exported - want).abs().max()}"
+
+
+@pytest.mark.usefixtures("tiny_hub")
+def test_fused_qkv_on_eva_is_refused_by_name():
+    base, _, _ = _load(TINY["timm-vit(eva02)"])
+    with pytest.raises(ValueError, match="EVA attention .* target q, k and v instead of qkv"):
+        apply_lora(base.model, ClipLoraConfig(towers=["vision"], target_modules=["qkv"]))
+
+
+def test_adapted_split_attention_is_refused_when_fused(tiny_base):
+    model = apply_lora(tiny_base.model, ClipLoraConfig(target_modules=["q", "v"])).get_base_model()
+    with pytest.raises(ValueError, match="already holds adapters on split q, k, v"):
+        convert_attention(model, fused_qkv=True)

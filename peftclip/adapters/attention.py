@@ -45,11 +45,13 @@ class SplitMultiheadAttention(nn.Module):
 
     Accepts the same call as `nn.MultiheadAttention` (additive float or boolean
     `attn_mask` of shape (L, S) or (B·heads, L, S), boolean `key_padding_mask`),
-    returns `(output, None)`; attention weights are never materialised.
+    returns `(output, None)`; attention weights are never materialised. With `fused_qkv`, q, k and v
+    come from one `qkv_proj` linear (D -> 3D) whose output is split: one product instead of three,
+    and LoRA on it is W_qkv + B·A·alpha/r with one A shared by q, k and v (self-attention only).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
-                 bias: bool = True, dropout: float = 0.0, batch_first: bool = False) -> None:
+                 bias: bool = True, dropout: float = 0.0, batch_first: bool = False, fused_qkv: bool = False) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
@@ -57,43 +59,66 @@ class SplitMultiheadAttention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
         self.batch_first = batch_first
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
+        if fused_qkv:
+            if (kdim or embed_dim) != embed_dim or (vdim or embed_dim) != embed_dim:
+                raise ValueError(f"fused_qkv needs kdim == vdim == embed_dim, got {kdim}, {vdim}, {embed_dim}")
+            self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
+        else:
+            self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+            self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias)
+            self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
 
+    @property
+    def fused_qkv(self) -> bool:
+        return hasattr(self, "qkv_proj")
+
     @classmethod
-    def from_mha(cls, mha: nn.MultiheadAttention) -> "SplitMultiheadAttention":
-        """Build a module computing exactly what `mha` computes, sharing no storage with it."""
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
-        bias = mha.in_proj_bias is not None
-        new = _uninitialized(lambda: cls(mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, bias=bias,
-                                         dropout=mha.dropout, batch_first=mha.batch_first), mha.out_proj.weight)
-        if mha._qkv_same_embed_dim:
-            weights = mha.in_proj_weight.detach().chunk(3, dim=0)
+    def from_mha(cls, mha: nn.Module, fused_qkv: bool = False) -> "SplitMultiheadAttention":
+        """Build a module computing exactly what `mha` (an `nn.MultiheadAttention`, or a split one in either
+        form, not PEFT-wrapped) computes, sharing no storage with it."""
+        if isinstance(mha, cls):
+            weights, biases = mha._projections()
+            dims = (mha.embed_dim, mha.num_heads, weights[1].shape[1], weights[2].shape[1], biases[3] is not None,
+                    mha.dropout, mha.batch_first)
         else:
-            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
-        biases = mha.in_proj_bias.detach().chunk(3) if bias else (None, None, None)
+            if mha.bias_k is not None or mha.add_zero_attn:
+                raise ValueError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
+            if mha._qkv_same_embed_dim:
+                weights = (*mha.in_proj_weight.chunk(3, dim=0), mha.out_proj.weight)
+            else:
+                weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight, mha.out_proj.weight)
+            bias = mha.in_proj_bias is not None
+            biases = (*mha.in_proj_bias.chunk(3), mha.out_proj.bias) if bias else (None,) * 4
+            dims = (mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, bias, mha.dropout, mha.batch_first)
+        new = _uninitialized(lambda: cls(*dims, fused_qkv=fused_qkv), weights[3])
+        targets = [new.qkv_proj] * 3 if fused_qkv else [new.q_proj, new.k_proj, new.v_proj]
+        rows = [slice(i * new.embed_dim, (i + 1) * new.embed_dim) if fused_qkv else slice(None) for i in range(3)]
         with torch.no_grad():
-            for linear, weight, b in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases):
-                linear.weight.copy_(weight)
+            for linear, part, weight, b in zip(targets + [new.out_proj], rows + [slice(None)], weights, biases):
+                linear.weight[part].copy_(weight)
                 if b is not None:
-                    linear.bias.copy_(b)
-            new.out_proj.weight.copy_(mha.out_proj.weight)
-            if bias:
-                new.out_proj.bias.copy_(mha.out_proj.bias)
-        new.requires_grad_(mha.out_proj.weight.requires_grad)
+                    linear.bias[part].copy_(b)
+        new.requires_grad_(weights[3].requires_grad)
         return new
+
+    def _projections(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+        """(q, k, v, out) weights and biases, looking through PEFT wrappers to their (merged) base layers."""
+        out = _base(self.out_proj)
+        if self.fused_qkv:
+            qkv = _base(self.qkv_proj)
+            biases = qkv.bias.chunk(3) if qkv.bias is not None else (None,) * 3
+            return (*qkv.weight.chunk(3), out.weight), (*biases, out.bias)
+        q, k, v = (_base(getattr(self, p)) for p in ("q_proj", "k_proj", "v_proj"))
+        return (q.weight, k.weight, v.weight, out.weight), (q.bias, k.bias, v.bias, out.bias)
 
     def open_clip_state(self, name: str) -> dict[str, torch.Tensor]:
         """This module's weights as the `nn.MultiheadAttention` at `name` held them (fused in_proj)."""
-        q, k, v, out = (_base(getattr(self, p)) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
-        state = {f"{name}.in_proj_weight": torch.cat([q.weight, k.weight, v.weight]),
-                 f"{name}.out_proj.weight": out.weight}
-        if q.bias is not None:
-            state[f"{name}.in_proj_bias"] = torch.cat([q.bias, k.bias, v.bias])
-            state[f"{name}.out_proj.bias"] = out.bias
+        weights, biases = self._projections()
+        state = {f"{name}.in_proj_weight": torch.cat(weights[:3]), f"{name}.out_proj.weight": weights[3]}
+        if biases[0] is not None:
+            state[f"{name}.in_proj_bias"] = torch.cat(biases[:3])
+            state[f"{name}.out_proj.bias"] = biases[3]
         return state
 
     def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
@@ -121,14 +146,21 @@ class SplitMultiheadAttention(nn.Module):
                 attn_mask: torch.Tensor | None = None, **_: object) -> tuple[torch.Tensor, None]:
         if need_weights:
             raise NotImplementedError("SplitMultiheadAttention does not return attention weights")
+        if self.fused_qkv and not query is key is value:
+            raise ValueError("a fused qkv_proj computes self-attention only (query is key is value); "
+                             "convert with fused_qkv=False for cross-attention")
         if not self.batch_first:  # (L, B, D) -> (B, L, D)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         batch, q_len, _ = query.shape
         heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
+        if self.fused_qkv:  # self-attention: query is key is value
+            q, k, v = self.qkv_proj(query).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         # (B, L, D) -> (B, heads, L, head_dim)
-        q = self.q_proj(query).view(batch, q_len, heads, head_dim).transpose(1, 2)
-        k = self.k_proj(key).view(batch, key.shape[1], heads, head_dim).transpose(1, 2)
-        v = self.v_proj(value).view(batch, value.shape[1], heads, head_dim).transpose(1, 2)
+        q = q.view(batch, q_len, heads, head_dim).transpose(1, 2)
+        k = k.view(batch, key.shape[1], heads, head_dim).transpose(1, 2)
+        v = v.view(batch, value.shape[1], heads, head_dim).transpose(1, 2)
         mask = self._mask(attn_mask, key_padding_mask, batch, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
@@ -164,6 +196,21 @@ class SplitQKV(nn.Module):
                     linear.bias.copy_(bias if bias is not None else torch.zeros(dim, **factory))
                 linear.requires_grad_(qkv.weight.requires_grad)
         return cls(*linears)
+
+    def to_fused(self) -> nn.Linear:
+        """The fused `qkv` linear this module was split from (EVA's separate biases cannot go back into one)."""
+        if self.separate_biases:
+            raise ValueError(f"EVA attention keeps {self.separate_biases} beside a bias-free qkv linear: its q, k "
+                             f"and v cannot be fused back; target q, k and v instead of qkv")
+        layers = [self.q_proj, self.k_proj, self.v_proj]
+        has_bias = layers[0].bias is not None
+        fused = _uninitialized(lambda: nn.Linear(layers[0].in_features, 3 * layers[0].out_features, bias=has_bias),
+                               layers[0].weight)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([layer.weight for layer in layers]))
+            if has_bias:
+                fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
+        return fused.requires_grad_(layers[0].weight.requires_grad)
 
     def open_clip_state(self, name: str) -> dict[str, torch.Tensor]:
         """This module's weights as the fused `qkv` linear at `name` (and EVA's biases beside it) held them."""
@@ -216,9 +263,30 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _split_fused_qkv(model: nn.Module) -> int:
-    """Replace every attention's fused `qkv` linear (timm's layout) by a `SplitQKV`."""
+def _check_unwrapped(name: str, module: nn.Module, fused_qkv: bool) -> None:
+    """Refuse to re-form attention whose q/k/v projections already carry adapters (PEFT wrappers)."""
+    if any(hasattr(m, "base_layer") for m in module.modules()):
+        form, other = ("fused qkv", "split q, k, v") if fused_qkv else ("split q, k, v", "fused qkv")
+        raise ValueError(f"{name}: an adapter needs {form} projections, but this model's attention already holds "
+                         f"adapters on {other}; attach them to separate models")
+
+
+def _split_fused_qkv(model: nn.Module, fused_qkv: bool | None) -> int:
+    """Replace every attention's fused `qkv` linear (timm's layout) by a `SplitQKV`, or back with `fused_qkv`."""
+    if fused_qkv:
+        for name, m in model.named_modules():
+            if isinstance(getattr(m, "qkv", None), nn.Linear) and any(getattr(m, f"{x}_bias", None) is not None
+                                                                      for x in "qkv"):
+                raise ValueError(f"{name}: EVA attention adds separate q/v biases to a bias-free qkv linear, so "
+                                 f"LoRA on qkv would be bypassed; target q, k and v instead of qkv")
+        split = [(n, m) for n, m in model.named_modules() if isinstance(m, SplitQKV)]
+        for name, module in split:
+            _check_unwrapped(name, module, fused_qkv)
+            _replace(model, name, module.to_fused())
+        return len(split)
     owners = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "qkv", None), nn.Linear)]
+    if fused_qkv is None and any(hasattr(getattr(m, "qkv"), "base_layer") for _, m in owners):
+        return 0  # fused and adapted: keep the form the adapters were attached to
     for name, owner in owners:
         biases = tuple(getattr(owner, f"{x}_bias", None) for x in "qkv")
         saved = tuple(k for k in owner.state_dict(keep_vars=True) if k in ("q_bias", "k_bias", "v_bias"))
@@ -230,12 +298,15 @@ def _split_fused_qkv(model: nn.Module) -> int:
     return len(owners)
 
 
-def convert_attention(model: nn.Module) -> int:
+def convert_attention(model: nn.Module, fused_qkv: bool | None = None) -> int:
     """Make every attention projection in `model` a plain linear layer, computing the same outputs.
 
     Replaces each `nn.MultiheadAttention` by a `SplitMultiheadAttention`, each fused timm `qkv`
     linear by a `SplitQKV`, and open_clip's ResNet `AttentionPool2d` by a `SplitAttentionPool2d`.
-    Returns the number of modules replaced (0 when `model` is already converted).
+    `fused_qkv=True` keeps q, k and v in one linear instead (`qkv_proj`, timm's own `qkv`), the
+    layer the `qkv` LoRA target adapts; False splits them; None (the default) keeps a converted
+    model's form and splits an unconverted one. Re-forming attention that already carries
+    adapters is refused. Returns the number of modules replaced (0 when nothing changed).
 
     >>> import open_clip
     >>> n = convert_attention(open_clip.create_model("ViT-B-32"))  # random weights
@@ -243,15 +314,17 @@ def convert_attention(model: nn.Module) -> int:
     24
     """
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.MultiheadAttention)]
+               if isinstance(module, nn.MultiheadAttention) or (isinstance(module, SplitMultiheadAttention)
+                                                                and fused_qkv not in (None, module.fused_qkv))]
     for name, mha in targets:
-        split = SplitMultiheadAttention.from_mha(mha)
+        _check_unwrapped(name, mha, bool(fused_qkv))
+        split = SplitMultiheadAttention.from_mha(mha, bool(fused_qkv))
         split.train(mha.training)
         _replace(model, name, split)
     pools = [(name, module) for name, module in model.named_modules() if type(module).__name__ == "AttentionPool2d"]
     for name, pool in pools:
         _replace(model, name, SplitAttentionPool2d(pool).train(pool.training))
-    return len(targets) + len(pools) + _split_fused_qkv(model)
+    return len(targets) + len(pools) + _split_fused_qkv(model, fused_qkv)
 
 
 # Every module `convert_attention` puts in; each writes back its original layout with `open_clip_state`.

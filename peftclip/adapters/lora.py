@@ -26,11 +26,15 @@ from ..families import FAMILIES, TOWERS, block_paths, family_of, tower_prefix
 from ..utils import ConfigMixin
 from .attention import convert_attention
 
-__all__ = ["INIT_LORA", "LORA_TARGETS", "MUTATING_INITS", "TARGETS", "TOWERS", "ClipLoraConfig", "apply_lora",
-           "lora_parameter_count", "lora_target_names", "tower_blocks_path"]
+__all__ = ["FUSED_QKV", "INIT_LORA", "LORA_TARGETS", "MUTATING_INITS", "TARGETS", "TOWERS", "ClipLoraConfig",
+           "LeanLoraLinear", "apply_lora", "lora_parameter_count", "lora_target_names", "tower_blocks_path"]
 
-# The shared target names and their paths inside a native open_clip block after `convert_attention`.
-TARGETS: dict[str, str] = {name: paths[0] for name, paths in FAMILIES[0].targets.items()}
+# LoRA on q, k and v through one fused linear (one A shared by the three): the `qkv` target.
+FUSED_QKV = "qkv"
+# Paths of every target name inside a native open_clip block after `convert_attention`.
+_PATHS: dict[str, str] = {name: paths[0] for name, paths in FAMILIES[0].targets.items()}
+# The shared target names of the split form (q, k, v, out, c_fc, c_proj) and their native paths.
+TARGETS: dict[str, str] = {name: path for name, path in _PATHS.items() if name != FUSED_QKV}
 # Every target name some family knows: the shared ones first, then family-specific ones.
 LORA_TARGETS: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES for t in f.target_names))
 # `init_lora` choices and what PEFT's `init_lora_weights` calls them.
@@ -85,6 +89,10 @@ class ClipLoraConfig(ConfigMixin):
                 raise ValueError(f"unknown LoRA target {target!r}; choose from {list(LORA_TARGETS)}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one projection")
+        split = [t for t in self.target_modules if t in _SPLIT_ONLY and t != FUSED_QKV]
+        if FUSED_QKV in self.target_modules and split:
+            raise ValueError(f"target_modules={self.target_modules}: 'qkv' adapts q, k and v through one fused layer; "
+                             f"it cannot be combined with {split}")
         if isinstance(self.blocks, str) and self.blocks != "all":
             raise ValueError(f"blocks={self.blocks!r}: use 'all', an int N (last N) or a list of indices")
         if isinstance(self.blocks, int) and self.blocks < 1:
@@ -177,7 +185,7 @@ def tower_blocks_path(model: nn.Module, tower: str) -> str:
 
 def lora_parameter_count(model: nn.Module, config: ClipLoraConfig) -> int:
     """Trainable parameters LoRA adds: r·(in + out) per linear layer, r·(in·kh·kw + out) per convolution."""
-    convert_attention(model)
+    convert_attention(model, _fused_qkv(config))
     total = 0
     for name in lora_target_names(model, config):
         layer = _layer(model, name)
@@ -188,8 +196,15 @@ def lora_parameter_count(model: nn.Module, config: ClipLoraConfig) -> int:
     return total
 
 
-# Projections that exist only after `convert_attention`; an adapter on them needs the split model.
-_SPLIT_ONLY = ("q", "k", "v")
+# Projections that exist only after `convert_attention`; an adapter on them needs the converted model.
+_SPLIT_ONLY = ("q", "k", "v", FUSED_QKV)
+
+
+def _fused_qkv(config: ClipLoraConfig) -> bool | None:
+    """The attention form `config` needs: fused for `qkv`, split for `q`/`k`/`v`, either (None) otherwise."""
+    if FUSED_QKV in config.target_modules:
+        return True
+    return False if any(t in _SPLIT_ONLY for t in config.target_modules) else None
 # A regex comment (`(?#...)`, no parentheses inside) that PEFT prints when the guard below fires.
 _UNSPLIT_HINT = ("(?#peftclip adapter on split attention: call peftclip.prepare_for_peft on the model "
                  "before PeftModel.from_pretrained)")
@@ -258,7 +273,7 @@ def _unsplit_guard(config: ClipLoraConfig) -> dict[str, Any]:
     """
     split_only = [t for t in config.target_modules if t in _SPLIT_ONLY]
     if split_only:
-        return {"rank_pattern": {_UNSPLIT_HINT + re.escape(TARGETS[split_only[0]]): config.r}}
+        return {"rank_pattern": {_UNSPLIT_HINT + re.escape(_PATHS[split_only[0]]): config.r}}
     if "out" in config.target_modules:
         return {"exclude_modules": rf"{_UNSPLIT_HINT}^.*\.{re.escape(TARGETS['q'])}$"}
     return {}  # MLP-only: open_clip's own modules, correct with or without the split
@@ -310,6 +325,7 @@ def to_peft_config(model: nn.Module, config: ClipLoraConfig, **overrides: Any) -
     if overrides.get("inference_mode") and config.init_lora in MUTATING_INITS:
         raise ValueError(f"init_lora={config.init_lora!r}: the adapter was trained on a residual base W - B0·A0 that "
                          f"adapters sharing one base cannot have; load it alone with peftclip.load_adapter")
+    convert_attention(model, _fused_qkv(config))  # the form `config`'s attention targets need
     names = lora_target_names(model, config)  # checks every targeted module is a linear or conv layer
     native = any(family_of(model, tower).name in _NATIVE for tower in config.towers)
     settings = {**(_unsplit_guard(config) if native else {}), **overrides}
@@ -323,7 +339,8 @@ def to_peft_config(model: nn.Module, config: ClipLoraConfig, **overrides: Any) -
 
 def apply_lora(model: nn.Module, config: ClipLoraConfig, adapter_name: str = "default",
                **peft_overrides: Any) -> peft.PeftModel:
-    """Convert `model`'s attention to split projections and wrap it with a PEFT LoRA adapter.
+    """Convert `model`'s attention to split projections (fused q/k/v for the `qkv` target) and wrap it with a
+    PEFT LoRA adapter.
 
     Only the LoRA weights are trainable afterwards. `peft_overrides` go to `peft.LoraConfig`
     (e.g. `init_lora_weights=False` for a non-zero B in tests). PiSSA and OLoRA inits rewrite
@@ -336,7 +353,6 @@ def apply_lora(model: nn.Module, config: ClipLoraConfig, adapter_name: str = "de
     >>> sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     18432
     """
-    convert_attention(model)
     peft_config = to_peft_config(model, config, **peft_overrides)
     _warn_rank_above_width(model, config)
     peft_model = peft.get_peft_model(model, peft_config, adapter_name=adapter_name)

@@ -99,7 +99,7 @@ def test_lora_and_ia3_together_are_refused_by_name():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("ia3_target_modules", ["qkv"], "unknown LoRA target 'qkv'"),
+    ("ia3_target_modules", ["qk"], "unknown LoRA target 'qk'"),
     ("ia3_towers", ["audio"], "unknown tower 'audio'"),
     ("ia3_blocks", 0, "blocks=0"),
 ])
@@ -152,14 +152,38 @@ def test_adapted_clip_switches_between_ia3_adapters_and_the_base(saved):
         assert torch.allclose(_encode(clip.model, clip.base), want, atol=TOL, rtol=0), name
 
 
-def test_adapted_clip_refuses_ia3_beside_lora_and_keeps_lora_working(saved):
-    # PEFT holds one tuner type per PeftModel and its PeftMixedModel has no IA³ (peft 0.21)
+@pytest.mark.parametrize("order", [["lora", "ia3", "ia3_vision"], ["ia3", "lora", "ia3_vision"]], ids=str)
+def test_adapted_clip_switches_between_ia3_and_lora_on_one_base(saved, order):
+    # One PeftModel per tuner type over the same layers (IA³ around LoRA or LoRA around IA³), each type
+    # enabled only while one of its adapters is active.
     clip = AdaptedCLIP(load_base())
-    clip.load_adapter(saved["lora"][0], "lora")
-    with pytest.raises(AdapterError, match="IA3 adapter cannot join the LORA adapters.*another AdaptedCLIP"):
-        clip.load_adapter(saved["ia3"][0], "ia3")
-    assert clip.adapters == ["lora"] and clip.active_adapter == "lora"
-    assert torch.allclose(_encode(clip.model, clip.base), saved["lora"][1], atol=TOL, rtol=0)
+    for name in order:
+        clip.load_adapter(saved[name][0], name)
+    base = load_base()
+    bare = _encode(base.model, base)
+    for name in [*order, None, *order[::-1], "lora"]:
+        clip.set_adapter(name)
+        want = saved[name][1] if name else bare
+        assert torch.allclose(_encode(clip.model, clip.base), want, atol=TOL, rtol=0), name
+
+
+def test_mixed_base_deletes_merges_and_exports_each_type(saved, tmp_path):
+    clip = AdaptedCLIP(load_base())
+    for name in ("ia3", "lora", "ia3_vision"):
+        clip.load_adapter(saved[name][0], name)
+    clip.merge("lora")  # IA³ layers stay disabled around (or inside) the merged LoRA ones
+    assert torch.allclose(_encode(clip.model, clip.base), saved["lora"][1], atol=MERGED_TOL, rtol=0)
+    with pytest.raises(ValueError, match="merged; unmerge"):
+        clip.set_adapter("ia3")
+    clip.unmerge()
+    for name in ("ia3", "lora"):
+        path = clip.export_merged(name, tmp_path / f"{name}.safetensors")
+        plain, _, _ = open_clip.create_model_and_transforms("peftclip-tiny", pretrained=str(path))
+        assert torch.allclose(_encode(plain, clip.base), saved[name][1], atol=MERGED_TOL, rtol=0), name
+    clip.delete_adapter("ia3")
+    for name in ("lora", "ia3_vision", "lora"):
+        clip.set_adapter(name)
+        assert torch.allclose(_encode(clip.model, clip.base), saved[name][1], atol=MERGED_TOL, rtol=0), name
 
 
 def test_merge_and_export_give_the_adapters_outputs(saved, tmp_path):

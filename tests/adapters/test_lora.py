@@ -22,6 +22,8 @@ LORA_CASES = [
     ClipLoraConfig(towers=["text"], target_modules=["out"], r=8, lora_alpha=16.0),
     ClipLoraConfig(blocks=1, target_modules=["k", "v", "c_fc"], r=3, lora_alpha=5.0),
     ClipLoraConfig(blocks=[0, -1], target_modules=["out", "c_proj"]),
+    ClipLoraConfig(target_modules=["qkv", "out", "c_fc", "c_proj"], r=3, lora_alpha=5.0),
+    ClipLoraConfig(towers=["text"], blocks=1, target_modules=["qkv"], r=2, lora_alpha=3.0),
 ]
 
 
@@ -39,7 +41,7 @@ def _reference(converted, peft_model, config: ClipLoraConfig):
 @pytest.mark.parametrize("config", LORA_CASES, ids=repr)
 def test_lora_outputs_equal_hand_built_reference(any_base, config):
     model = any_base.model
-    convert_attention(model)
+    convert_attention(model, True if "qkv" in config.target_modules else None)  # qkv: one fused q/k/v linear
     converted = copy.deepcopy(model)
     peft_model = apply_lora(model, config, init_lora_weights=False)  # non-zero B
     reference = _reference(converted, peft_model, config)
@@ -58,7 +60,7 @@ def test_lora_outputs_equal_hand_built_reference(any_base, config):
 def _expected_count(width: int, mlp_width: int, n_blocks: int, config: ClipLoraConfig) -> int:
     """r·(in + out) for each targeted layer, written out from the architecture."""
     dims = {"q": (width, width), "k": (width, width), "v": (width, width), "out": (width, width),
-            "c_fc": (width, mlp_width), "c_proj": (mlp_width, width)}
+            "c_fc": (width, mlp_width), "c_proj": (mlp_width, width), "qkv": (width, 3 * width)}
     per_block = sum(config.r * sum(dims[t]) for t in config.target_modules)
     blocks = n_blocks if config.blocks == "all" else (config.blocks if isinstance(config.blocks, int)
                                                        else len(set(i % n_blocks for i in config.blocks)))
@@ -91,7 +93,8 @@ def test_lora_targets_only_named_blocks_and_projections(tiny_base):
 
 INVALID_CONFIGS = [
     ({"r": 0}, "r=0"),
-    ({"target_modules": ["qkv"]}, "unknown LoRA target 'qkv'"),
+    ({"target_modules": ["qk"]}, "unknown LoRA target 'qk'"),
+    ({"target_modules": ["qkv", "v"]}, "cannot be combined with ['v']"),
     ({"towers": ["audio"]}, "unknown tower 'audio'"),
     ({"lora_dropout": 1.5}, "lora_dropout=1.5"),
     ({"blocks": "some"}, "blocks='some'"),
