@@ -9,13 +9,14 @@ import multiprocessing
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import datasets
+import pyarrow as pa
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -384,17 +385,34 @@ def _take(refs: Sequence[ImageRef | None], indices: Sequence[int]) -> Sequence[I
     return refs.take(indices) if isinstance(refs, _EncodedImages) else [refs[i] for i in indices]
 
 
-def _image_keys(images: _EncodedImages) -> list[Any]:
-    """Per row: the path of a path-only image, else a hash of its bytes (rows with the same image group
-    together), else None. Reads the table in batches, so memory stays flat however many images there are."""
+def _file_batches(data: datasets.Dataset) -> Iterator[pa.RecordBatch]:
+    """The rows of `data` (as loaded: not selected or reordered) read from its cache files with plain reads, none
+    if it has none. A pass over every image through the table's memory map would leave all of them resident in
+    this process, counted in its RSS until the kernel reclaims them."""
+    for cache_file in data.cache_files:
+        with pa.OSFile(cache_file["filename"]) as source:
+            yield from pa.ipc.open_stream(source)
+
+
+def _hash_images(batches: Iterable[pa.RecordBatch], images: _EncodedImages) -> list[Any]:
     keys: list[Any] = []
-    for batch in images.data.with_format("arrow").iter(batch_size=1024):
-        column = batch.column(images.column).combine_chunks()
+    for batch in batches:
+        column = batch.column(images.column)
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         for data, path in zip(column.field("bytes"), column.field("path")):
             if data.is_valid:
                 keys.append(hashlib.blake2b(data.as_buffer(), digest_size=16).digest())
             else:
                 keys.append(_ref(path.as_py(), images.root))
+    return keys
+
+
+def _image_keys(images: _EncodedImages) -> list[Any]:
+    """Per row: the path of a path-only image, else a hash of its bytes (rows with the same image group
+    together), else None. Reads the table in batches, so memory stays flat however many images there are."""
+    keys = _hash_images(_file_batches(images.data), images)
+    if len(keys) != len(images.data):  # in memory, or fewer rows than its files: through the table
+        keys = _hash_images(images.data.with_format("arrow").iter(batch_size=1024), images)
     return keys
 
 

@@ -65,6 +65,24 @@ def test_embedded_parquet_images_stay_in_the_table(tmp_path):
     assert train.images[0] in {_jpeg(i) for i in range(40)}
 
 
+def _file_backed_rss() -> int:
+    """Bytes of mapped files resident in this process (counted in its RSS)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_grouping_embedded_images_leaves_the_table_out_of_rss(tmp_path):
+    image_bytes = [os.urandom(40_000) for _ in range(1000)]  # 40 MB, unique: hashed, never decoded (check off)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in image_bytes],
+                                "caption": [f"row {i}" for i in range(1000)]},
+                               features=features).to_parquet(str(tmp_path / "set.parquet"))
+    before = _file_backed_rss()
+    train, _ = load_pairs(DataConfig(source=str(tmp_path / "set.parquet"), val_fraction=0.0, check_data="off"))
+    assert len(train.images) == 1000
+    assert _file_backed_rss() - before < 10e6, "the hashing pass left the memory-mapped images resident"
+
+
 @pytest.mark.parametrize(("check", "loads"), [("full", False), ("fast", True), ("off", True)])
 def test_check_data_decides_whether_bad_images_stop_loading(tmp_path, check, loads):
     source = _write_parquet(tmp_path / "set.parquet", 20, bad_rows=(3,))
