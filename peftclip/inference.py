@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import peft
 import torch
 import torch.nn.functional as F
+from peft.tuners.ia3 import IA3Layer
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
@@ -47,7 +49,7 @@ from .adapters.tip_adapter import TIP_ADAPTER_NAME, TipAdapterClassifier, attach
 from .data import decode_image
 from .hub import resolve_adapter
 from .index import default_index_path, image_index
-from .io import AdapterError, SavedAdapter, check_peft_keys, is_peft_tensor, read_adapter
+from .io import PEFT_METHODS, AdapterError, SavedAdapter, check_peft_keys, is_peft_tensor, read_adapter
 from .models import BaseModel
 from .utils import canonical_name, write_safetensors_atomic
 
@@ -55,7 +57,13 @@ __all__ = ["ACTIVE", "AdaptedCLIP", "export_open_clip_state_dict"]
 
 ACTIVE = "<active>"  # `adapter=` default of the encode/classify/search calls: whichever adapter is active
 ImageInput = torch.Tensor | Sequence[torch.Tensor | Image.Image | str | os.PathLike]
+# Each PEFT-applied method: its config builder and PEFT's layer class for it.
+_TUNERS: dict[str, tuple[Callable[..., peft.PeftConfig], type[BaseTunerLayer]]] = {
+    "lora": (lora_peft_config, LoraLayer),
+    "ia3": (ia3_peft_config, IA3Layer),
+}
 
+_PEFT_PREFIX = "base_model.model."  # PeftModel's prefix on the names of its tensors
 _MODULE_SETTERS: dict[str, Callable[[nn.Module, nn.Module | None], None]] = {
     TEXT_PROMPT_NAME: set_text_prompt,
     VISUAL_PROMPT_NAME: set_visual_prompt,
@@ -112,14 +120,17 @@ class AdaptedCLIP:
 
     def __init__(self, base: BaseModel) -> None:
         self.base = base
-        self.model: nn.Module = base.model  # becomes a peft.PeftModel once a LoRA adapter is attached
+        self.model: nn.Module = base.model  # becomes a peft.PeftModel once a LoRA or IA³ adapter is attached
         self.active_adapter: str | None = None
         self.merged: str | None = None
         self._inner = base.model
         self._attached: dict[str, _Attached] = {}
         self._slots: dict[str, tuple[nn.Module, str, nn.Parameter]] = {}  # name -> (owner, attr, base value)
+        # One PeftModel per tuner type over the same inner model (PEFT holds one type per PeftModel, and its
+        # PeftMixedModel has no IA³ in 0.21): a layer adapted by both is wrapped twice, e.g. IA³(LoRA(Linear)).
+        self._peft: dict[str, peft.PeftModel] = {}
+        self._peft_on: dict[str, bool] = {}  # whether each type's layers are enabled
         self._lora_count = 0
-        self._lora_on = False  # whether PEFT's LoRA layers are enabled
         # Held while an adapter is switched in, used and switched back: calls from several threads
         # run one after another instead of seeing each other's adapter.
         self._lock = threading.RLock()
@@ -165,25 +176,25 @@ class AdaptedCLIP:
     def _build(self, saved: SavedAdapter) -> _Attached:
         """Everything the adapter puts in place of the base, loaded from its tensors and checked."""
         record = _Attached(saved, self.base.tokenizer)
-        was_peft = isinstance(self.model, peft.PeftModel)
+        had = set(self._peft)
         try:
             if saved.peft_method is not None:
                 record.peft_name = self._add_lora(saved)
             self._build_other(record)
         except BaseException:
-            self._remove_lora(record.peft_name, was_peft)
+            self._remove_lora(saved.peft_method, record.peft_name, had)
             raise
         return record
 
-    def _remove_lora(self, peft_name: str | None, was_peft: bool) -> None:
-        """Undo a LoRA adapter added by a failed attach: remove PEFT's wrapping too if it came with it."""
-        if not isinstance(self.model, peft.PeftModel):
+    def _remove_lora(self, method: str | None, peft_name: str | None, had: set[str]) -> None:
+        """Undo a LoRA / IA³ adapter added by a failed attach: remove PEFT's wrapping too if it came with it."""
+        if method not in self._peft:
             return
-        if not was_peft:
-            self.model = self.model.unload()  # the LoRA layers go; `_inner` is the plain model again
-            self._lora_on = False
-        elif peft_name in self.model.peft_config:
-            self.model.delete_adapter(peft_name)
+        if not had:  # the first tuner of any type: unwrap (unload strips every tuner's wrappers, so only then)
+            self.model = self._peft.pop(method).unload()  # `_inner` is the plain model again
+            self._peft_on.clear()
+        elif peft_name in self._peft[method].peft_config:
+            self._peft[method].delete_adapter(peft_name)
 
     def _build_other(self, record: _Attached) -> None:
         spec, inner = record.saved.spec, self._inner
@@ -218,27 +229,32 @@ class AdaptedCLIP:
     def _add_lora(self, saved: SavedAdapter) -> str:
         """Add the adapter's LoRA or IA³ weights to PEFT's layers; returns the name PEFT knows them by."""
         method = saved.peft_method
-        to_peft_config = {"lora": lora_peft_config, "ia3": ia3_peft_config}[method]
+        to_peft_config = _TUNERS[method][0]
         config = to_peft_config(self._inner, getattr(saved.spec, method), inference_mode=True)
-        if isinstance(self.model, peft.PeftModel):
-            held = self.model.peft_type
-            if config.peft_type != held:  # PEFT's PeftMixedModel, the one way to mix tuners, has no IA³
-                raise AdapterError(f"{saved.folder}: a {config.peft_type.value} adapter cannot join the "
-                                   f"{held.value} adapters on this base (PEFT holds one tuner type per model); "
-                                   f"use another AdaptedCLIP for it")
         self._lora_count += 1
         name = f"adapter{self._lora_count}"
-        if isinstance(self.model, peft.PeftModel):
-            self.model.add_adapter(name, config)
+        if method in self._peft:
+            self._peft[method].add_adapter(name, config)
         else:
-            self.model = peft.get_peft_model(self._inner, config, adapter_name=name)
+            with warnings.catch_warnings():
+                if self._peft:  # each PeftModel keeps its own configs: PEFT would share the first one's dict
+                    del self._inner.peft_config
+                    warnings.filterwarnings("ignore", "You are trying to modify a model with PEFT for a second time")
+                self._peft[method] = peft.get_peft_model(self._inner, config, adapter_name=name)
+            self.model = self.model if isinstance(self.model, peft.PeftModel) else self._peft[method]
+        tuned = self._peft[method]
+        # PEFT filters out only this PeftModel's other adapters: keep this tuner's tensors. Saved names are those
+        # of the adapter alone; under another tuner's wrapper PEFT's own names carry `.base_layer`.
+        actual = {canonical_name(k): k for k in peft.get_peft_model_state_dict(tuned, adapter_name=name)
+                  if PEFT_METHODS[method][1] in k}
         try:
-            check_peft_keys(saved, set(peft.get_peft_model_state_dict(self.model, adapter_name=name)))
+            check_peft_keys(saved, {_PEFT_PREFIX + k for k in actual})
         except AdapterError:
-            self.model.delete_adapter(name)
+            tuned.delete_adapter(name)
             raise
-        peft.set_peft_model_state_dict(self.model, saved.peft_tensors, adapter_name=name)
-        self.model.requires_grad_(False)
+        tensors = {actual[canonical_name(k)]: v for k, v in saved.peft_tensors.items()}
+        peft.set_peft_model_state_dict(tuned, tensors, adapter_name=name)
+        self._inner.requires_grad_(False)
         return name
 
     def _base_overrides(self, saved: SavedAdapter, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -279,7 +295,7 @@ class AdaptedCLIP:
         if self.active_adapter == name:
             self._activate(None)
         if record.peft_name:
-            self.model.delete_adapter(record.peft_name)
+            self._peft[record.saved.peft_method].delete_adapter(record.peft_name)
         del self._attached[name]
 
     # -- choosing ----------------------------------------------------------------------------
@@ -307,17 +323,29 @@ class AdaptedCLIP:
         used = {attr for other in self._attached.values() for attr in other.modules}
         for attr in used:
             _MODULE_SETTERS[attr](self._inner, record.modules.get(attr) if record else None)
-        if isinstance(self.model, peft.PeftModel):
-            lora_on = record is not None and record.peft_name is not None
-            if lora_on:
-                self.model.set_adapter(record.peft_name, inference_mode=True)
-            if lora_on != self._lora_on or force:  # both walk every module: skip when nothing changes
-                if lora_on:
-                    self.model.base_model.enable_adapter_layers()
-                else:
-                    self.model.base_model.disable_adapter_layers()
-                self._lora_on = lora_on
+        for method in self._peft:
+            self._enable_tuner(method, record.peft_name if record and record.saved.peft_method == method else None,
+                               force)
         self.active_adapter = name
+
+    def _enable_tuner(self, method: str, peft_name: str | None, force: bool) -> None:
+        """Enable `method`'s PEFT layers with adapter `peft_name` active, or disable them all with None.
+
+        Per layer type: PeftModel's enable/disable and set_adapter walk every tuner's layers, of any type.
+        """
+        on = peft_name is not None
+        if on == self._peft_on.get(method) and not force and not on:
+            return  # disabling walks every module: skip when nothing changes
+        for module in self._tuner_layers(method):
+            module.enable_adapters(on)
+            if on:
+                module.set_adapter(peft_name, inference_mode=True)
+        self._peft_on[method] = on
+
+    def _tuner_layers(self, method: str) -> Iterator[BaseTunerLayer]:
+        """PEFT's layers of `method` (LoRA or IA³) in the model."""
+        layer_type = _TUNERS[method][1]
+        return (m for m in self._inner.modules() if isinstance(m, layer_type))
 
     @contextlib.contextmanager
     def using(self, name: str | None) -> Iterator[nn.Module]:
@@ -354,9 +382,8 @@ class AdaptedCLIP:
         if record.saved.peft_method == "ia3" and alpha != 1.0:
             raise ValueError(f"adapter {name!r} is IA³, which PEFT cannot scale (only LoRA has a scale); "
                              f"alpha={alpha} is refused")
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer):
-                module.set_scale(record.peft_name, alpha)
+        for module in self._tuner_layers("lora"):
+            module.set_scale(record.peft_name, alpha)
         for canon, trained in record.trained.items():
             base_value = self._slots[canon][2].detach()
             record.params[canon] = nn.Parameter(torch.lerp(base_value, trained, alpha), requires_grad=False)
@@ -379,7 +406,8 @@ class AdaptedCLIP:
             raise ValueError(f"adapter {self.merged!r} is merged already; unmerge() it first")
         self._activate(name)
         if record.peft_name:
-            self.model.base_model.merge_adapter([record.peft_name])
+            for module in self._tuner_layers(record.saved.peft_method):
+                module.merge(adapter_names=[record.peft_name])
         self.merged = name
 
     @_locked
@@ -387,8 +415,10 @@ class AdaptedCLIP:
         """Take the merged adapter's LoRA weights back out of the base's; it stays active."""
         if self.merged is None:
             raise ValueError("no adapter is merged")
-        if self._attached[self.merged].peft_name:
-            self.model.base_model.unmerge_adapter()
+        record = self._attached[self.merged]
+        if record.peft_name:
+            for module in self._tuner_layers(record.saved.peft_method):
+                module.unmerge()
         self.merged = None
 
     @_locked

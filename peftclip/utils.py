@@ -31,11 +31,13 @@ _WRAPPER_PREFIXES = ("base_model.model.", "model.", "module.")
 def canonical_name(name: str) -> str:
     """A parameter or module name as in the plain open_clip model, whatever wrapped it.
 
-    Strips PEFT's `base_model.model.` and `.base_layer.`, the feature cache's `model.`
-    and DDP's `module.`, in any nesting.
+    Strips PEFT's `base_model.model.` and `.base_layer.` (repeated where two tuners wrap one layer,
+    e.g. IA³ around LoRA), the feature cache's `model.` and DDP's `module.`, in any nesting.
 
     >>> canonical_name("module.model.base_model.model.visual.transformer.resblocks.0.attn.q_proj.base_layer.weight")
     'visual.transformer.resblocks.0.attn.q_proj.weight'
+    >>> canonical_name("base_model.model.transformer.resblocks.0.attn.k_proj.base_layer.base_layer.lora_A.weight")
+    'transformer.resblocks.0.attn.k_proj.lora_A.weight'
     """
     stripped = True
     while stripped:
@@ -43,7 +45,7 @@ def canonical_name(name: str) -> str:
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
                 name, stripped = name.removeprefix(prefix), True
-    return name.replace(".base_layer.", ".")
+    return re.sub(r"(?:\.base_layer)+\.", ".", name)
 
 
 def inner_model(model: torch.nn.Module) -> torch.nn.Module:
