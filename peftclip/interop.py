@@ -35,7 +35,8 @@ _PREFIX = "base_model.model."
 _MHA_KEYS = {"in_A": "{}.lora_A.weight", "in_B": "{}.lora_B.weight",
              "out_A": "{}.base_layer.out_proj.lora_A.weight", "out_B": "{}.base_layer.out_proj.lora_B.weight"}
 _NATIVE_FAMILIES = ("vit", "text")  # the tower families an imported PEFT adapter may adapt
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# LoRA's A and B, and DoRA's magnitude vector (`use_dora`), as PEFT's save_pretrained names them.
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<part>[AB])\.weight|lora_magnitude_vector)$")
 
 
 def prepare_for_peft(model: nn.Module) -> nn.Module:
@@ -81,8 +82,8 @@ def _read_peft_folder(peft_dir: Path) -> tuple[peft.LoraConfig, dict[str, torch.
         raise AdapterError(f"{peft_dir}: cannot read the PEFT adapter ({e})") from e
     if not isinstance(config, peft.LoraConfig):
         raise AdapterError(f"{peft_dir / ADAPTER_CONFIG_NAME}: peft_type={config.peft_type}; only LORA is imported")
-    unsupported = {"use_dora": config.use_dora, "use_rslora": config.use_rslora, "alpha_pattern": config.alpha_pattern,
-                   "modules_to_save": config.modules_to_save, "bias": config.bias != "none"}
+    unsupported = {"alpha_pattern": config.alpha_pattern, "modules_to_save": config.modules_to_save,
+                   "bias": config.bias != "none"}
     for name, value in unsupported.items():
         if value:
             raise AdapterError(f"{peft_dir / ADAPTER_CONFIG_NAME}: {name}={getattr(config, name)!r} is not supported")
@@ -146,7 +147,8 @@ def _lora_config(model: nn.Module, names: set[str], peft_config: peft.LoraConfig
     blocks: Any = "all" if full else sorted(set.union(*found.values()))
     config = ClipLoraConfig(towers=[t for t in TOWERS if t in found], blocks=blocks,
                         target_modules=[t for t in TARGETS if t in chosen], r=rank,
-                        lora_alpha=float(peft_config.lora_alpha), lora_dropout=peft_config.lora_dropout)
+                        lora_alpha=float(peft_config.lora_alpha), lora_dropout=peft_config.lora_dropout,
+                        use_dora=peft_config.use_dora, use_rslora=peft_config.use_rslora)
     if set(lora_target_names(model, config)) != names:
         raise AdapterError(f"{peft_dir}: the {len(names)} adapted layers are not one set of blocks × projections "
                            f"shared by the towers, which a peftclip ClipLoraConfig needs")
@@ -156,9 +158,10 @@ def _lora_config(model: nn.Module, names: set[str], peft_config: peft.LoraConfig
 def import_peft_adapter(peft_dir: str | os.PathLike, base: BaseModel, output_dir: str | os.PathLike) -> Path:
     """Write a complete peftclip adapter folder from a LoRA folder saved by PEFT's `save_pretrained`.
 
-    Accepts PEFT LoRA on a plain open_clip model (MLP `c_fc`/`c_proj`, attention `out_proj`,
-    or PEFT's own LoRA on `nn.MultiheadAttention`, converted exactly onto split q/k/v/out with a
-    warning about PEFT's doubled out_proj update) and on peftclip's split model
+    Accepts PEFT LoRA, DoRA (its magnitudes) and rsLoRA (its scale) alike, on a plain open_clip
+    model (MLP `c_fc`/`c_proj`, attention `out_proj`, or PEFT's own LoRA on `nn.MultiheadAttention`,
+    converted exactly onto split q/k/v/out with a warning about PEFT's doubled out_proj update; PEFT
+    has no DoRA there) and on peftclip's split model
     (`apply_lora(...).save_pretrained(dir)`). The metadata names `base`, which is modified in
     place (split and wrapped) like `load_adapter` does. The LoRA layers must form one peftclip
     `ClipLoraConfig`: the same projections in the same blocks of each adapted tower, one rank.
@@ -184,7 +187,7 @@ def import_peft_adapter(peft_dir: str | os.PathLike, base: BaseModel, output_dir
     spec = AdapterSpec(lora=_lora_config(base.model, names, peft_config, peft_config.r, peft_dir))
     model, _ = apply_strategy(base.model, spec, base.tokenizer)
     result = peft.set_peft_model_state_dict(model, {_PREFIX + k: v for k, v in tensors.items()})
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if "lora_" in k]  # DoRA's magnitude included
     if result.unexpected_keys or missing:
         raise AdapterError(f"{peft_dir}: LoRA tensors do not fit {base.info.get('model_name')} "
                            f"(unexpected {result.unexpected_keys[:3]}, missing {missing[:3]})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -189,3 +190,34 @@ def test_import_refuses_layers_no_lora_config_describes(tmp_path):
         import_peft_adapter(tmp_path / "peft", load_base(BaseConfig()), tmp_path / "imported")
     assert main(["import-peft", str(tmp_path / "peft"), "--model-name", "peftclip-tiny",
                  "--out", str(tmp_path / "imported")]) == 2
+
+
+VARIANT_CASES = [dict(use_dora=True), dict(use_rslora=True), dict(use_dora=True, use_rslora=True)]
+
+
+@pytest.mark.parametrize("variant", VARIANT_CASES, ids=str)
+def test_plain_peft_dora_and_rslora_import_and_export_keep_the_variant(tmp_path, variant):
+    """A DoRA / rsLoRA adapter made by plain PEFT on a prepared open_clip model round-trips through peftclip."""
+    targets = ["visual.transformer.resblocks.0.attn.q_proj", "visual.transformer.resblocks.0.attn.v_proj",
+               "transformer.resblocks.0.attn.q_proj", "transformer.resblocks.0.attn.v_proj",
+               "visual.transformer.resblocks.1.attn.q_proj", "visual.transformer.resblocks.1.attn.v_proj",
+               "transformer.resblocks.1.attn.q_proj", "transformer.resblocks.1.attn.v_proj"]
+    model = peft.get_peft_model(prepare_for_peft(_plain_tiny()), peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False, **variant))
+    torch.manual_seed(2)
+    with torch.no_grad():  # move B and DoRA's magnitudes off their start
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(str(tmp_path / "peft"))
+    base = load_base(BaseConfig())
+    images, texts = image_batch(base.model), text_batch(base)
+    want = _features(model.eval(), images, texts)
+    folder = import_peft_adapter(tmp_path / "peft", base, tmp_path / "imported")
+    lora = json.loads((folder / "peftclip_config.json").read_text())["strategy"]["lora"]
+    assert {k: lora[k] for k in variant} == variant
+    _assert_same(_features(load_adapter(load_base(BaseConfig()), folder), images, texts), want)
+    exported, _ = _peft_load(prepare_for_peft(_plain_tiny()), folder)  # peftclip's folder back in plain PEFT
+    assert all(getattr(exported.peft_config["default"], k) == v for k, v in variant.items())
+    _assert_same(_features(exported.eval(), images, texts), want)
+
