@@ -68,7 +68,8 @@ def randomly_trained(spec, seed: int):
     from peftclip.adapters.strategy import apply_strategy
     torch.manual_seed(seed)
     base = load_base()
-    model, tokenize = apply_strategy(base.model, spec, base.tokenizer, init_lora_weights=False)
+    overrides = {"init_lora_weights": False} if spec.lora is not None else {}  # LoRA's B starts off zero
+    model, tokenize = apply_strategy(base.model, spec, base.tokenizer, **overrides)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from peftclip.adapters.clip_adapter import ClipAdapterConfig
+from peftclip.adapters.ia3 import ClipIA3Config
 from peftclip.adapters.lora import ClipLoraConfig
 from peftclip.adapters.maple import MapleConfig
 from peftclip.adapters.prompts import TextPromptConfig, VisualPromptConfig
@@ -23,6 +24,7 @@ SPECS = {
     "clip_adapter": AdapterSpec(clip_adapter=ClipAdapterConfig(adapter_towers=["vision", "text"])),
     "cocoop": AdapterSpec(cocoop=TextPromptConfig(n_ctx=3)),
     "maple": AdapterSpec(maple=MapleConfig(prompt_length=2, prompt_depth=2)),
+    "ia3": AdapterSpec(ia3=ClipIA3Config()),
 }
 
 
