@@ -25,6 +25,7 @@ from torch import nn
 from ..families import FAMILIES, TOWERS, block_paths, family_of, tower_prefix
 from ..utils import ConfigMixin
 from .attention import convert_attention
+from .lora_init import keep_initial_lora
 
 __all__ = ["FUSED_QKV", "INIT_LORA", "LORA_TARGETS", "MUTATING_INITS", "TARGETS", "TOWERS", "ClipLoraConfig",
            "LeanLoraLinear", "apply_lora", "lora_parameter_count", "lora_target_names", "tower_blocks_path"]
@@ -344,8 +345,9 @@ def apply_lora(model: nn.Module, config: ClipLoraConfig, adapter_name: str = "de
 
     Only the LoRA weights are trainable afterwards. `peft_overrides` go to `peft.LoraConfig`
     (e.g. `init_lora_weights=False` for a non-zero B in tests). PiSSA and OLoRA inits rewrite
-    the targeted base weights to W - B0·A0 (PEFT does this), so the model owns its base; loading
-    such an adapter with `load_adapter` recomputes the same residual from the same base.
+    the targeted base weights to W - B0·A0 (PEFT does this), so the model owns its base; A0, B0
+    are kept so that `save_adapter` writes the adapter as plain rank-2r LoRA on the original base
+    (see `peftclip.adapters.lora_init`).
     With `loraplus_lr_ratio`, `train.create_optimizer` gives B that ratio of A's learning rate.
 
     >>> from peftclip.models import load_base
@@ -356,6 +358,8 @@ def apply_lora(model: nn.Module, config: ClipLoraConfig, adapter_name: str = "de
     peft_config = to_peft_config(model, config, **peft_overrides)
     _warn_rank_above_width(model, config)
     peft_model = peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
+    if config.init_lora in MUTATING_INITS:
+        keep_initial_lora(peft_model, adapter_name)  # save_adapter converts the adapter to plain LoRA with them
     if config.loraplus_lr_ratio is not None:
         peft_model.peftclip_loraplus_lr_ratio = config.loraplus_lr_ratio  # read by train.create_optimizer
     return peft_model
