@@ -13,32 +13,43 @@ __all__ = ["check_targets", "render_markdown", "render_plot", "update_readme", "
 MB = 1_000_000
 # Strategies whose training reads cached image features, not images through the data pipeline.
 _CACHED_IMAGE_STRATEGIES = ("text_prompt",)
+_LORA_SHARE = 0.95  # issue 16: LoRA's own bar is 95% of its floor; the other strategies' is 90%
 
 
 def check_targets(result: dict) -> list[dict]:
-    """Each target of the suite with the measured value and whether it is met."""
+    """Each target of the suite with the measured value and whether it is met (those whose strategies ran)."""
     training = result["training"]
     rows, comparisons = training["strategies"], training["comparisons"]
-    targets = [_target("LoRA training vs open_clip's full fine-tune", ">= 1.4x",
-                       comparisons["LoRA (attn+MLP, r=8) vs full fine-tune"]["ratio"], 1.4)]
+    lora_vs_full = [row for name, row in comparisons.items() if name.startswith("LoRA")]
+    targets = [_target("LoRA training vs open_clip's full fine-tune", ">= 1.4x", row["ratio"], 1.4)
+               for row in lora_vs_full]
     for strategy, row in rows.items():
-        targets.append(_target(f"{strategy}: share of the compute floor", ">= 90%",
-                               row["images_per_second"] / row["floor_images_per_second"], 0.9, percent=True))
-    for strategy in ("lora_grad_checkpointing", "lora_grad_checkpointing_release_memory"):
-        targets.append(_target(f"{strategy}: peak memory vs full fine-tune", "<= 45%",
-                               rows[strategy]["max_rss_bytes"] / rows["full"]["max_rss_bytes"], 0.45,
+        share = _LORA_SHARE if strategy == "lora" else 0.9
+        targets.append(_target(f"{strategy}: share of the compute floor", f">= {100 * share:.0f}%",
+                               row["images_per_second"] / row["floor_images_per_second"], share, percent=True))
+    if "lora" in rows:
+        targets.append(_target("lora: peak memory vs its floor", "<= 110%",
+                               rows["lora"]["max_rss_bytes"] / rows["lora"]["floor_max_rss_bytes"], 1.1,
                                percent=True, at_most=True))
-    targets.append(_target("LoRA r=8 attn+MLP adapter, fp32 (MB)", "< 8", rows["lora"]["artifact_bytes"] / MB,
-                           8, at_most=True))
-    targets.append(_target("LoRA r=8 attn+MLP adapter, bf16 (MB)", "< 4",
-                           rows["lora"]["artifact_bytes_bf16"] / MB, 4, at_most=True))
+    for strategy in ("lora", "lora_grad_checkpointing", "lora_grad_checkpointing_release_memory"):
+        if strategy in rows and "full" in rows:
+            goal, bound = ("< 100%", 1.0) if strategy == "lora" else ("<= 45%", 0.45)
+            targets.append(_target(f"{strategy}: peak memory vs full fine-tune", goal,
+                                   rows[strategy]["max_rss_bytes"] / rows["full"]["max_rss_bytes"], bound,
+                                   percent=True, at_most=True))
+    if "lora" in rows:
+        targets.append(_target("LoRA r=8 qkv+out+MLP adapter, fp32 (MB)", "< 8", rows["lora"]["artifact_bytes"] / MB,
+                               8, at_most=True))
+        targets.append(_target("LoRA r=8 qkv+out+MLP adapter, bf16 (MB)", "< 4",
+                               rows["lora"]["artifact_bytes_bf16"] / MB, 4, at_most=True))
     for strategy, row in result["feature_cache"]["strategies"].items():
         targets.append(_target(f"feature cache, {strategy}: epoch speed-up", ">= 10x", row["speedup"], 10))
     targets.append(_target("merged LoRA inference vs bare base", ">= 99%",
                            result["inference"]["merged_over_base"], 0.99, percent=True))
-    fastest = max(row["images_per_second"] for s, row in rows.items() if s not in _CACHED_IMAGE_STRATEGIES)
-    targets.append(_target("data pipeline vs fastest image-loading training", ">= 3x",
-                           result["loader"]["images_per_second"] / fastest, 3))
+    loading = [row["images_per_second"] for s, row in rows.items() if s not in _CACHED_IMAGE_STRATEGIES]
+    if loading:
+        targets.append(_target("data pipeline vs fastest image-loading training", ">= 3x",
+                               result["loader"]["images_per_second"] / max(loading), 3))
     return targets
 
 
@@ -55,7 +66,9 @@ def _header(result: dict) -> list[str]:
             f"(first 2 not timed), {s['repeats']} run(s) per tool alternating, {s['threads']} threads, "
             f"{s['workers']} loader worker(s), {s['precision']}, {s.get('device', 'cpu')}, on {where} "
             f"(torch {result['machine']['torch']}). Data: `{Path(result['data']).name}`.", "",
-            f"Command: `{result['command']}`", ""]
+            f"Command: `{result['command']}`", ""] + ([
+                f"Strategies run: {', '.join(result['training']['strategies'])} only; the other rows are in the "
+                f"whole suite's section.", ""] if result.get("subset") else [])
 
 
 def _training_tables(result: dict) -> list[str]:
@@ -64,17 +77,18 @@ def _training_tables(result: dict) -> list[str]:
     lines += [f"| {name} | {row['peftclip_images_per_second']:.2f} | {row['open_clip_images_per_second']:.2f} "
               f"| {row['ratio']:.2f}x |" for name, row in training["comparisons"].items()]
     rows, base_bytes = training["strategies"], result["inference"]["base_file_bytes"]
-    full_rss = rows["full"]["max_rss_bytes"]
+    full_rss = rows["full"]["max_rss_bytes"] if "full" in rows else None
     lines += ["", "| strategy | peftclip images/s | floor images/s | share of floor | peak RSS (floor's) "
               "| vs full FT | adapter file | vs base checkpoint |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for strategy, row in rows.items():
+        vs_full = f"{100 * row['max_rss_bytes'] / full_rss:.0f}%" if full_rss else "-"  # full FT not run
         lines.append(f"| {strategy} | {row['images_per_second']:.2f} | {row['floor_images_per_second']:.2f} "
                      f"| {100 * row['images_per_second'] / row['floor_images_per_second']:.0f}% "
-                     f"| {human_size(row['max_rss_bytes'])} ({human_size(row['floor_max_rss_bytes'])}) "
-                     f"| {100 * row['max_rss_bytes'] / full_rss:.0f}% "
+                     f"| {human_size(row['max_rss_bytes'])} ({human_size(row['floor_max_rss_bytes'])}) | {vs_full} "
                      f"| {human_size(row['artifact_bytes'])} | {100 * row['artifact_bytes'] / base_bytes:.2f}% |")
-    lines.append(f"\nLoRA adapter saved in bf16: {human_size(rows['lora']['artifact_bytes_bf16'])}; "
-                 f"base checkpoint (fp32 safetensors): {human_size(base_bytes)}.")
+    if "lora" in rows:
+        lines.append(f"\nLoRA adapter saved in bf16: {human_size(rows['lora']['artifact_bytes_bf16'])}; "
+                     f"base checkpoint (fp32 safetensors): {human_size(base_bytes)}.")
     return lines
 
 
@@ -117,7 +131,8 @@ def render_plot(result: dict, path: Path) -> Path:
     rows, open_clip = result["training"]["strategies"], result["training"]["open_clip"]
     strategies = list(rows)
     x = range(len(strategies))
-    theirs = {"full": open_clip["full"], "lora": open_clip["full"], "freeze_vision": open_clip["lock_image"]}
+    mode_of = {"full": "full", "lora": "full", "freeze_vision": "lock_image"}  # open_clip_train's run per row
+    theirs = {s: open_clip[mode] for s, mode in mode_of.items() if mode in open_clip}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.27
     left.bar([i - width for i in x], [rows[s]["images_per_second"] for s in strategies], width, label="peftclip")

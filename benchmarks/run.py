@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick      # tiny base, under 10 minutes on 2 CPU cores; no verdicts
     python -m benchmarks.run              # the ViT-B-32 structure (random weights), about an hour
     python -m benchmarks.run --gpu        # ViT-B-32 on a GPU: bf16 autocast, batch 256
+    python -m benchmarks.run --strategies lora,full   # only these rows and the comparisons among them
 
 Measures, on the same machine in one run: training images/s of peftclip's recipe against
 `python -m open_clip_train.main` on the same CSV, batch, precision, threads and steps
@@ -10,7 +11,10 @@ Measures, on the same machine in one run: training images/s of peftclip's recipe
 floor, measured the same way; peak memory (whole-process max RSS) per strategy; adapter file sizes; inference
 (adapter switch against reload, merged and unmerged against the bare base); the data
 pipeline alone; and the feature cache. Writes `results/suite-<mode>.json`, `.md` and
-`.png`, and puts the table and plot into `benchmarks/README.md`.
+`.png`, and puts the table and plot into `benchmarks/README.md`. With `--strategies` only those
+strategies' recipe and floor runs are made (open_clip_train only for the comparisons whose
+strategy is among them); the results go to `suite-<mode>-<a>+<b>` files and a README section of
+that name, leaving the whole suite's section as it is.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-800
 COMPARISONS = {
     "full fine-tune vs full fine-tune": ("full", False),
     "freeze vision vs --lock-image": ("freeze_vision", True),
-    "LoRA (attn+MLP, r=8) vs full fine-tune": ("lora", False),
+    "LoRA (qkv+out+MLP, r=8) vs full fine-tune": ("lora", False),
 }
 # peftclip strategy (benchmarks/training.py) -> the compute floor it is held against (benchmarks/floor.py)
 FLOOR_OF = {"full": "full", "freeze_vision": "freeze_vision", "lora": "lora",
@@ -95,11 +99,24 @@ def _run_job(settings: Settings, csv_path: Path, folder: Path, tool: str, what: 
                                             **{**common, "steps": max(settings.steps - 2, 1)})
 
 
-def measure_training(settings: Settings, csv_path: Path, workdir: Path, progress: tqdm) -> dict[str, list[dict]]:
-    """Every training process of the suite, `repeats` times each, alternating the order every repeat so
-    that a machine slowing down or speeding up affects every tool alike."""
-    jobs = [("open_clip", False), ("open_clip", True), *(("peftclip", s) for s in FLOOR_OF),
-            *(("floor", s) for s in floor.STRATEGIES)]
+def _comparisons(strategies: tuple[str, ...]) -> dict[str, tuple[str, bool]]:
+    """The open_clip_train comparisons whose peftclip strategy is among `strategies`."""
+    return {name: pair for name, pair in COMPARISONS.items() if pair[0] in strategies}
+
+
+def _jobs(strategies: tuple[str, ...]) -> list[tuple[str, str | bool]]:
+    """(tool, what) of every training process the suite runs for `strategies`."""
+    locks = dict.fromkeys(lock for _, lock in _comparisons(strategies).values())
+    floors = dict.fromkeys(FLOOR_OF[s] for s in strategies)
+    return [*(("open_clip", lock) for lock in sorted(locks)), *(("peftclip", s) for s in strategies),
+            *(("floor", s) for s in floor.STRATEGIES if s in floors)]
+
+
+def measure_training(settings: Settings, csv_path: Path, workdir: Path, progress: tqdm,
+                     strategies: tuple[str, ...] = tuple(FLOOR_OF)) -> dict[str, list[dict]]:
+    """Every training process of the suite for `strategies`, `repeats` times each, alternating the order every
+    repeat so that a machine slowing down or speeding up affects every tool alike."""
+    jobs = _jobs(strategies)
     runs: dict[str, list[dict]] = {}
     for repeat in range(settings.repeats):
         for tool, what in (jobs if repeat % 2 == 0 else jobs[::-1]):
@@ -109,43 +126,46 @@ def measure_training(settings: Settings, csv_path: Path, workdir: Path, progress
     return runs
 
 
-def summarize_training(runs: dict[str, list[dict]], workdir: Path) -> dict:
+def summarize_training(runs: dict[str, list[dict]], workdir: Path,
+                       strategies: tuple[str, ...] = tuple(FLOOR_OF)) -> dict:
     """Medians per tool and strategy: the open_clip comparisons, and per strategy speed, floor, memory, file."""
     def median(key: str, field_name: str) -> float:
         return statistics.median(r[field_name] for r in runs[key])
 
     comparisons = {}
-    for name, (strategy, lock) in COMPARISONS.items():
+    for name, (strategy, lock) in _comparisons(strategies).items():
         ours, theirs = median(f"peftclip {strategy}", "images_per_second"), median(
             "open_clip lock_image" if lock else "open_clip full", "images_per_second")
         comparisons[name] = {"peftclip_images_per_second": ours, "open_clip_images_per_second": theirs,
                              "ratio": ours / theirs}
-    strategies = {}
-    for strategy, floor_strategy in FLOOR_OF.items():
-        ours = runs[f"peftclip {strategy}"][0]
-        strategies[strategy] = {
+    rows = {}
+    for strategy in strategies:
+        ours, floor_strategy = runs[f"peftclip {strategy}"][0], FLOOR_OF[strategy]
+        rows[strategy] = {
             "images_per_second": median(f"peftclip {strategy}", "images_per_second"),
             "floor_images_per_second": median(f"floor {floor_strategy}", "images_per_second"),
             "max_rss_bytes": median(f"peftclip {strategy}", "max_rss_bytes"),
             "floor_max_rss_bytes": median(f"floor {floor_strategy}", "max_rss_bytes"),
             "artifact_bytes": ours["artifact_bytes"], "trainable_parameters": ours["trainable_parameters"]}
-    lora = Path(runs["peftclip lora"][0]["adapter_dir"]) / "adapter_model.safetensors"
-    bf16 = workdir / "lora-bf16.safetensors"  # what --save-dtype bf16 writes
-    save_adapter_weights(load_file(lora), bf16, "bf16")
-    strategies["lora"]["artifact_bytes_bf16"] = bf16.stat().st_size
-    return {"comparisons": comparisons, "strategies": strategies,
+    if "lora" in rows:
+        lora = Path(runs["peftclip lora"][0]["adapter_dir"]) / "adapter_model.safetensors"
+        bf16 = workdir / "lora-bf16.safetensors"  # what --save-dtype bf16 writes
+        save_adapter_weights(load_file(lora), bf16, "bf16")
+        rows["lora"]["artifact_bytes_bf16"] = bf16.stat().st_size
+    return {"comparisons": comparisons, "strategies": rows,
             "open_clip": {key.removeprefix("open_clip "): median(key, "images_per_second")
-                          for key in ("open_clip full", "open_clip lock_image")}}
+                          for key in ("open_clip full", "open_clip lock_image") if key in runs}}
 
 
-def run_suite(settings: Settings, csv_path: Path, workdir: Path) -> dict:
-    """Every measurement of the suite, as one JSON-able dict."""
+def run_suite(settings: Settings, csv_path: Path, workdir: Path,
+              strategies: tuple[str, ...] = tuple(FLOOR_OF)) -> dict:
+    """Every measurement of the suite (training only for `strategies`), as one JSON-able dict."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"benchmark data not found: {csv_path} (see ../shared/data/README.md)")
-    total = settings.repeats * (2 + len(FLOOR_OF) + len(floor.STRATEGIES)) + 3
+    total = settings.repeats * len(_jobs(strategies)) + 3
     with tqdm(total=total, desc="benchmark runs") as progress:
-        runs = measure_training(settings, csv_path, workdir / "train", progress)
-        training = summarize_training(runs, workdir)
+        runs = measure_training(settings, csv_path, workdir / "train", progress, strategies)
+        training = summarize_training(runs, workdir, strategies)
         loader = loader_throughput(settings.model, csv_path, batch_size=settings.batch_size,
                                    workers=settings.workers, batches=8, threads=settings.threads)
         progress.update(1)
@@ -157,8 +177,19 @@ def run_suite(settings: Settings, csv_path: Path, workdir: Path) -> dict:
     for results in runs.values():  # keep every figure but the temporary folders
         for result in results:
             result.pop("adapter_dir", None)
-    return {"settings": asdict(settings), "machine": _machine(), "data": str(csv_path), "runs": runs,
+    return {"settings": asdict(settings), "machine": _machine(), "data": str(csv_path), "strategies": list(strategies),
+            "runs": runs,
             "training": training, "loader": loader, "inference": infer, "feature_cache": cache}
+
+
+def _strategy_list(text: str) -> tuple[str, ...]:
+    """`--strategies lora,full` as ('lora', 'full'), refusing unknown or repeated names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in FLOOR_OF]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--strategies {text!r}: name each of {', '.join(FLOOR_OF)} at most once"
+                                         + (f" ({unknown[0]!r} is unknown)" if unknown else ""))
+    return names
 
 
 def _machine() -> dict:
@@ -177,23 +208,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for suite-<mode>.json/.md/.png")
     parser.add_argument("--readme", type=Path, default=README, help="README whose suite section is replaced")
     parser.add_argument("--no-readme", action="store_true", help="leave the README as it is")
+    parser.add_argument("--strategies", type=_strategy_list, default=tuple(FLOOR_OF),
+                        help=f"comma-separated subset of {','.join(FLOOR_OF)} (default: all)")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "gpu" if args.gpu else "full"
     overrides = {key.removeprefix("settings."): value for key, value in vars(args).items()
                  if key.startswith("settings.")}
     settings = replace(MODES[mode], **overrides)
     with tempfile.TemporaryDirectory(prefix="peftclip-suite-") as tmp:
-        result = run_suite(settings, args.data, Path(tmp))
+        result = run_suite(settings, args.data, Path(tmp), args.strategies)
+    subset = args.strategies != tuple(FLOOR_OF)
     command = "python -m benchmarks.run" + (f" --{mode}" if mode != "full" else "") + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
-    result["command"] = command
+        f" --{k.replace('_', '-')} {v}" for k, v in overrides.items()) + (
+        f" --strategies {','.join(args.strategies)}" if subset else "")
+    result["command"], result["subset"] = command, subset
     result["targets"] = check_targets(result) if mode in MEASURED_MODES else []
+    # A subset run gets files and a README section of its own, so the whole suite's rows stay as they were.
+    name = f"suite-{mode}" + (f"-{'+'.join(args.strategies)}" if subset else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    plot = render_plot(result, args.out / f"suite-{mode}.png")
+    plot = render_plot(result, args.out / f"{name}.png")
     report = render_markdown(result, plot=plot.name)
-    write_results(args.out, f"suite-{mode}", result, report)
+    write_results(args.out, name, result, report)
     if not args.no_readme:
-        update_readme(args.readme, mode, render_markdown(result, plot=os.path.relpath(plot, args.readme.parent)))
+        update_readme(args.readme, name.removeprefix("suite-"),
+                      render_markdown(result, plot=os.path.relpath(plot, args.readme.parent)))
     print(report)
     return result
 

@@ -48,7 +48,7 @@ def test_suite_quick_smallest_case(tmp_path):
                                 "--inference-rounds 2")
     assert (tmp_path / "results" / "suite-quick.png").read_bytes()[:4] == b"\x89PNG"
     text = readme.read_text()
-    assert "old" not in text and "| LoRA (attn+MLP, r=8) vs full fine-tune |" in text
+    assert "old" not in text and "| LoRA (qkv+out+MLP, r=8) vs full fine-tune |" in text
     assert "results/suite-quick.png" in text and text.count("<!-- suite-quick:begin -->") == 1
     assert "| target | goal |" not in text and "No target verdicts" in text
 
@@ -62,6 +62,32 @@ def test_full_mode_holds_the_figures_against_the_targets():
         {t["target"] for t in targets}
     assert all(isinstance(t["met"], bool) for t in targets)
     assert run.MEASURED_MODES == ("full", "gpu") and run.MODES["gpu"].device == "cuda"
+
+
+def test_strategies_subset_runs_only_its_rows_and_comparisons(tmp_path):
+    """--strategies lora: open_clip_train's full fine-tune (LoRA's comparison), LoRA's recipe and floor, nothing else;
+    its report has only those rows and targets, and says so."""
+    from benchmarks import run
+    from benchmarks.report import check_targets, render_markdown
+    assert run._jobs(("lora",)) == [("open_clip", False), ("peftclip", "lora"), ("floor", "lora")]
+    assert run._jobs(("freeze_vision", "lora_grad_checkpointing_release_memory")) == [
+        ("open_clip", True), ("peftclip", "freeze_vision"), ("peftclip", "lora_grad_checkpointing_release_memory"),
+        ("floor", "freeze_vision"), ("floor", "lora_grad_checkpointing")]
+    with pytest.raises(SystemExit):
+        run.main(["--strategies", "lora,nope", "--out", str(tmp_path)])
+    result = json.loads((run.RESULTS / "suite-full.json").read_text())  # the last full run, cut down to LoRA
+    runs = {key: value for key, value in result["runs"].items() if key in ("open_clip full", "peftclip lora")}
+    rows = {"lora": result["training"]["strategies"]["lora"]}
+    comparisons = {name: row for name, row in result["training"]["comparisons"].items() if name.startswith("LoRA")}
+    result.update(runs=runs, subset=True, command="python -m benchmarks.run --strategies lora",
+                  training={"comparisons": comparisons, "strategies": rows, "open_clip": {"full": 1.0}})
+    names = {t["target"] for t in check_targets(result)}
+    assert {"LoRA training vs open_clip's full fine-tune", "lora: share of the compute floor",
+            "lora: peak memory vs its floor"} <= names
+    assert not any(n.startswith(("full", "freeze_vision", "lora_grad")) for n in names)  # not run, not judged
+    result["targets"] = []
+    text = render_markdown(result)
+    assert "Strategies run: lora only" in text and "| lora |" in text and "| full |" not in text
 
 
 def test_floor_runs_on_the_device_it_is_given():
