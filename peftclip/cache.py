@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .adapters.strategy import inner_model
-from .families import TOWERS, projection_name, tower_prefix
+from .families import TOWERS, projection_name, tower_of
 from .utils import write_safetensors_atomic
 
 __all__ = ["CachedCLIP", "CachedLabelled", "CachedPairs", "FeatureCache", "cache_frozen_towers", "cache_image_tower",
@@ -32,14 +32,13 @@ _DISK_MIN_BYTES = 64 << 20  # keep smaller caches in memory only
 # Added modules whose parameters change a tower's output (MaPLe's text context, held by its visual prompt, both).
 _PROMPTS = {"vision": ("peftclip_visual_prompt", "peftclip_clip_adapter.mlps.vision."),
             "text": ("peftclip_text_prompt", "peftclip_clip_adapter.mlps.text.", "peftclip_visual_prompt.text_ctx")}
-# open_clip's native text tower lives on the CLIP model itself: these are its parts there.
-_NATIVE_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 
 
-def _in_tower(model: nn.Module, name: str, tower: str) -> bool:
-    """Whether parameter `name` of the (unwrapped) CLIP `model` belongs to `tower`."""
-    prefix = tower_prefix(model, tower)
-    return name.startswith((*_PROMPTS[tower], prefix) if prefix else (*_PROMPTS[tower], *_NATIVE_TEXT))
+def _in_tower(name: str, tower: str) -> bool:
+    """Whether parameter `name` of the (unwrapped) CLIP model changes `tower`'s output."""
+    if name.startswith("peftclip_"):
+        return name.startswith(_PROMPTS[tower])
+    return tower_of(name) == tower
 
 
 def _projection_parameter(model: nn.Module, tower: str) -> str | None:
@@ -64,7 +63,7 @@ def tower_modes(model: nn.Module) -> dict[str, str]:
     trainable = [n for n, p in clip.named_parameters() if p.requires_grad]
     modes = {}
     for tower in TOWERS:
-        inside = [n for n in trainable if _in_tower(clip, n, tower)]
+        inside = [n for n in trainable if _in_tower(n, tower)]
         projection = _projection_parameter(clip, tower)
         modes[tower] = "full" if not inside else "trunk" if projection and inside == [projection] else "live"
     return modes

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 __all__ = ["FAMILIES", "TOWERS", "TowerFamily", "block_paths", "family_of", "final_norm_names", "projection_name",
-           "tower_prefix"]
+           "tower_of", "tower_prefix"]
 
 TOWERS = ("vision", "text")
 # `qkv` is q, k and v in one linear (one A shared by the three), present when `convert_attention` runs with
@@ -109,6 +109,24 @@ FAMILIES: tuple[TowerFamily, ...] = (
                 projections=("proj",), final_norms=("transformer.layer_norm",),
                 class_token="transformer.embed_tokens"),
 )
+
+
+_SHARED = ("logit_scale", "logit_bias")
+_NO_TOWER = ("text_decoder.",)  # CoCa's captioning decoder: part of neither embedding tower
+
+
+def tower_of(name: str) -> str | None:
+    """'vision', 'text', or None (shared, e.g. logit_scale) for a parameter name of an unwrapped open_clip model.
+
+    Everything outside `visual.` is the text tower's (open_clip's native text tower lives on the CLIP
+    model itself); parameters that adapter methods add (`peftclip_*`) are their owners' to place.
+
+    >>> tower_of("visual.conv1.weight"), tower_of("ln_final.bias"), tower_of("logit_scale")
+    ('vision', 'text', None)
+    """
+    if name.startswith("visual."):
+        return "vision"
+    return None if name in _SHARED or name.startswith(_NO_TOWER) else "text"
 
 
 def tower_prefix(model: nn.Module, tower: str) -> str:

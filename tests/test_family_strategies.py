@@ -17,10 +17,10 @@ from torch import nn
 
 from peftclip.adapters.heads import HeadConfig, classifier
 from peftclip.adapters.lora import ClipLoraConfig
-from peftclip.adapters.partial import PartialConfig, tower_of
+from peftclip.adapters.partial import PartialConfig
 from peftclip.adapters.prompts import TextPromptConfig, VisualPromptConfig
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
-from peftclip.families import TOWERS, block_paths, final_norm_names, projection_name
+from peftclip.families import TOWERS, block_paths, final_norm_names, projection_name, tower_of
 from peftclip.io import load_adapter, save_adapter
 from peftclip.losses import contrastive_step, cross_entropy_step
 from peftclip.models import BaseConfig, load_base

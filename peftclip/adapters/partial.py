@@ -12,14 +12,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..families import TOWERS, block_paths, family_of, final_norm_names, projection_name
+from ..families import TOWERS, block_paths, family_of, final_norm_names, projection_name, tower_of
 from ..utils import ConfigMixin
 
-__all__ = ["PROJECTIONS", "PartialConfig", "apply_partial", "select_parameters", "tower_of"]
+__all__ = ["PROJECTIONS", "PartialConfig", "apply_partial", "select_parameters"]
 
 PROJECTIONS = ("visual.proj", "text_projection")  # the native ViT/text towers'; others: families.projection_name
-_SHARED = ("logit_scale", "logit_bias")
-_FROZEN = ("text_decoder.",)  # CoCa's captioning decoder: no strategy trains it
 
 
 @dataclass
@@ -59,13 +57,6 @@ class PartialConfig(ConfigMixin):
         """Whether this config unfreezes anything."""
         return (self.full or self.freeze is not None or self.projections or self.logit_scale or self.logit_bias
                 or self.last_blocks > 0 or self.new_proj_dim is not None)
-
-
-def tower_of(name: str) -> str | None:
-    """'vision', 'text', or None (shared, e.g. logit_scale) for a base parameter name."""
-    if name.startswith("visual."):
-        return "vision"
-    return None if name in _SHARED or name.startswith(_FROZEN) else "text"
 
 
 def _block_prefixes(model: nn.Module, config: PartialConfig) -> list[str]:
