@@ -131,6 +131,9 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
     The folder holds `adapter_model.safetensors` (every adapter tensor, LoRA and IA³ keys as PEFT
     names them), `adapter_config.json` (PEFT's config, when LoRA or IA³ is on) and
     `peftclip_config.json` (base identity, strategy, training config, weights checksum).
+    A PiSSA/OLoRA adapter, trained on a residual base, is written as the plain LoRA of rank 2r that
+    gives the same outputs on the unmodified base (PEFT's conversion), its metadata's
+    `converted_from` naming the init, `r` and `lora_alpha` it was trained with.
     It is assembled under a temporary name beside `output_dir` and renamed into place, so a
     crash leaves either the previous folder or the new one, never a mix.
 
@@ -157,7 +160,10 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
         raise write_error(output_dir, e) from e
     os.chmod(tmp, default_mode(directory=True))  # mkdtemp creates 0700
     try:
-        state = save_adapter_weights(adapter_tensors(model, adapter_name), tmp / SAFETENSORS_WEIGHTS_NAME, save_dtype)
+        peft_config = copy.deepcopy(model.peft_config[adapter_name]) if isinstance(model, peft.PeftModel) else None
+        tensors, strategy, peft_config, converted_from = _as_plain_lora(
+            model, adapter_tensors(model, adapter_name), strategy, peft_config, adapter_name)
+        state = save_adapter_weights(tensors, tmp / SAFETENSORS_WEIGHTS_NAME, save_dtype)
         metadata = {
             "base": base_info,
             "strategy": strategy,
@@ -166,8 +172,9 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
             "save_dtype": save_dtype,
             "weights_sha256": file_sha256(tmp / SAFETENSORS_WEIGHTS_NAME),
         }
-        if isinstance(model, peft.PeftModel):
-            peft_config = copy.deepcopy(model.peft_config[adapter_name])
+        if converted_from is not None:
+            metadata["converted_from"] = converted_from
+        if peft_config is not None:
             peft_config.inference_mode = True
             peft_config.base_model_name_or_path = hub_base_model(base_info) or base_info.get("model_name")
             from .interop import unloaded_tensors_hint  # interop imports io
@@ -186,6 +193,22 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_info: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _as_plain_lora(model: nn.Module, tensors: dict[str, torch.Tensor], strategy: dict[str, Any], peft_config: Any,
+                   adapter_name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], Any, dict[str, Any] | None]:
+    """(tensors, strategy, PEFT config, record) of a PiSSA/OLoRA adapter converted to plain rank-2r LoRA on the
+    unmodified base, as PEFT's `path_initial_model_for_weight_conversion` does (see `adapters.lora_init`); any
+    other adapter as given, with record None. The record (init, r, lora_alpha as trained) goes into the metadata."""
+    from .adapters.lora import MUTATING_INITS
+    from .adapters.lora_init import convert_mutated_init, converted_lora_settings, converted_peft_config
+
+    lora = strategy.get("lora")
+    if peft_config is None or not lora or lora.get("init_lora") not in MUTATING_INITS:
+        return tensors, strategy, peft_config, None
+    record = {key: lora[key] for key in ("init_lora", "r", "lora_alpha")}
+    return (convert_mutated_init(model, tensors, adapter_name), {**strategy, "lora": converted_lora_settings(lora)},
+            converted_peft_config(peft_config), record)
 
 
 def _metadata_sha256(metadata: dict[str, Any]) -> str:

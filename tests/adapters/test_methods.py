@@ -1,17 +1,22 @@
-"""PEFT's LoRA variants through PEFT: DoRA, rsLoRA and PiSSA equal their formulas; LoRA+ sets B's learning rate."""
+"""PEFT's LoRA variants through PEFT: DoRA, rsLoRA and PiSSA equal their formulas; LoRA+ sets B's learning rate;
+PiSSA/OLoRA adapters are saved as plain rank-2r LoRA that works on the unmodified base."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from peftclip.adapters.attention import convert_attention
 from peftclip.adapters.lora import ClipLoraConfig, apply_lora, lora_target_names
+from peftclip.adapters.lora_init import INITIAL_LORA_ATTR
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
+from peftclip.checkpoint import trainable_state_dict
 from peftclip.inference import AdaptedCLIP
-from peftclip.io import load_adapter, save_adapter
+from peftclip.io import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, load_adapter, read_metadata, save_adapter
 from peftclip.models import load_base
 from peftclip.train import TrainConfig, create_optimizer
 from tests.conftest import image_batch, text_batch
@@ -114,7 +119,10 @@ def test_unknown_init_is_refused():
 
 
 VARIANTS = {"dora": dict(use_dora=True), "rslora": dict(use_rslora=True), "pissa": dict(init_lora="pissa"),
-            "olora": dict(init_lora="olora")}
+            "olora": dict(init_lora="olora"), "pissa_rslora": dict(init_lora="pissa", use_rslora=True),
+            "olora_dora": dict(init_lora="olora", use_dora=True)}
+# PiSSA/OLoRA are saved as plain LoRA of rank 2r: (r, lora_alpha) as saved; rsLoRA keeps alpha/sqrt(r) with alpha·√2.
+CONVERTED = {"pissa": (8, 16.0), "olora": (8, 16.0), "pissa_rslora": (8, 8.0 * 2 ** 0.5), "olora_dora": (8, 16.0)}
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +144,7 @@ def test_variant_saves_and_loads_to_the_same_outputs(saved, variant):
     assert torch.allclose(_encode(load_adapter(base, folder), base), want, atol=TOL)
 
 
-@pytest.mark.parametrize("variant", ["dora", "rslora"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_switches_and_merges_in_adapted_clip(saved, tmp_path, variant):
     base = load_base()
     plain, _ = apply_strategy(base.model, AdapterSpec(lora=ClipLoraConfig(r=2)), init_lora_weights=False)
@@ -152,8 +160,89 @@ def test_variant_switches_and_merges_in_adapted_clip(saved, tmp_path, variant):
     assert torch.allclose(_encode(clip.model, base), saved[variant][1], atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["pissa", "olora"])
-def test_residual_base_inits_are_refused_on_a_shared_base_by_name(saved, variant):
+@pytest.mark.parametrize("variant", CONVERTED)
+def test_residual_base_inits_are_saved_as_rank_2r_lora_with_the_conversion_recorded(saved, variant):
+    folder, _ = saved[variant]
+    metadata = read_metadata(folder)
+    r, alpha = CONVERTED[variant]
+    assert metadata["converted_from"] == {"init_lora": VARIANTS[variant]["init_lora"], "r": 4, "lora_alpha": 8.0}
+    lora = metadata["strategy"]["lora"]
+    assert (lora["r"], lora["init_lora"]) == (r, "default") and lora["lora_alpha"] == pytest.approx(alpha)
+    peft_config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    assert (peft_config["r"], peft_config["init_lora_weights"]) == (r, True)
+    assert peft_config["lora_alpha"] == pytest.approx(alpha)
+    assert set(peft_config["rank_pattern"].values()) == {r}
+    tensors = load_file(folder / SAFETENSORS_WEIGHTS_NAME)
+    assert {t.shape[0] for k, t in tensors.items() if ".lora_A." in k} == {r}
+    assert {t.shape[1] for k, t in tensors.items() if ".lora_B." in k} == {r}
+
+
+def test_an_unconverted_residual_base_adapter_loads_alone_and_is_refused_on_a_shared_base(
+        saved, tmp_path, monkeypatch):
+    """A folder as peftclip wrote PiSSA adapters before the conversion (trained on, and only valid for, W_res)."""
+    import peftclip.io
+
+    base = load_base()
+    spec = AdapterSpec(lora=ClipLoraConfig(**CONFIG, init_lora="pissa"))
+    _, model = _adapted(base, spec.lora)
+    monkeypatch.setattr(peftclip.io, "_as_plain_lora", lambda m, tensors, strategy, config, name:
+                        (tensors, strategy, config, None))
+    folder = save_adapter(model, tmp_path / "old", base.info, spec.to_dict())
+    assert torch.allclose(_encode(load_adapter(load_base(), folder), base), _encode(model, base), atol=TOL)
+    with pytest.raises(ValueError, match="init_lora='pissa'.*load_adapter"):
+        AdaptedCLIP(load_base()).load_adapter(folder, "old")
+
+
+def test_a_residual_base_model_without_its_initial_weights_is_refused_at_save(tmp_path):
+    base = load_base()
+    spec = AdapterSpec(lora=ClipLoraConfig(**CONFIG, init_lora="olora"))
+    model = apply_lora(base.model, spec.lora)
+    delattr(model, INITIAL_LORA_ATTR)
+    with pytest.raises(ValueError, match="'default' uses a PiSSA/OLoRA init.*A0, B0"):
+        save_adapter(model, tmp_path / "out", base.info, spec.to_dict())
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_resumed_model_converts_to_the_same_adapter(tmp_path, init):
+    """Resume rebuilds the model on the original base and loads the trained A, B: A0, B0 come out the same."""
+    base = load_base()
+    spec = AdapterSpec(lora=ClipLoraConfig(**CONFIG, init_lora=init))
+    _, model = _adapted(base, spec.lora)
+    resumed, _ = apply_strategy(load_base().model, spec)
+    with torch.no_grad():
+        params = dict(resumed.named_parameters())
+        for name, tensor in trainable_state_dict(model).items():  # what a checkpoint holds
+            params[name].copy_(tensor)
+    first = save_adapter(model, tmp_path / "first", base.info, spec.to_dict())
+    second = save_adapter(resumed, tmp_path / "second", base.info, spec.to_dict())
+    want, got = load_file(first / SAFETENSORS_WEIGHTS_NAME), load_file(second / SAFETENSORS_WEIGHTS_NAME)
+    assert want.keys() == got.keys()
+    assert all(torch.allclose(want[k], got[k], atol=TOL) for k in want)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_recipe_trained_residual_base_adapter_gives_the_trained_outputs_on_the_unmodified_base(
+        tmp_path, monkeypatch, init):
+    from peftclip.recipes import lora_retrieval
+    from peftclip.synthetic import make_shapes_dataset
+
+    trained = {}
+
+    def save(model, *args, **kwargs):
+        trained["model"] = copy.deepcopy(model).eval()
+        return save_adapter(model, *args, **kwargs)
+
+    monkeypatch.setattr(lora_retrieval, "save_adapter", save)
+    out = tmp_path / "out"
+    lora_retrieval.main(["--source", str(make_shapes_dataset(tmp_path / "shapes", n_images=24)), "--output-dir",
+                         str(out), "--max-steps", "2", "--batch-size", "8", "--num-workers", "0", "--cpu",
+                         "--init-lora", init, "--lr", "1e-2", "--warmup-steps", "0"])
+    base = load_base()
+    assert read_metadata(out)["converted_from"]["init_lora"] == init
+    want = _encode(trained["model"], base)
     clip = AdaptedCLIP(load_base())
-    with pytest.raises(ValueError, match=f"init_lora='{variant}'.*load_adapter"):
-        clip.load_adapter(saved[variant][0], "variant")
+    clip.load_adapter(out, "trained")
+    assert torch.allclose(_encode(clip.model, base), want, atol=TOL)
+    clip.set_adapter(None)
+    assert not torch.allclose(_encode(clip.model, base), want, atol=1e-3), "training had no effect"
