@@ -78,6 +78,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"base:       {', '.join(f'{k}={v}' for k, v in metadata['base'].items())}")
     for method, settings in metadata["strategy"].items():
         print(f"strategy:   {method}: {', '.join(f'{k}={v}' for k, v in settings.items())}")
+    if converted := metadata.get("converted_from"):  # a PiSSA/OLoRA adapter saved as plain LoRA (io.save_adapter)
+        print(f"converted:  from init_lora={converted['init_lora']} (r={converted['r']}, "
+              f"lora_alpha={converted['lora_alpha']}) to plain LoRA on the unmodified base")
     print(f"parameters: {metadata['trainable_parameters']:,} trainable, file {human_size(size)} "
           f"({metadata.get('save_dtype', 'fp32')})")
     metrics_file = folder / METRICS_NAME

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,6 +16,7 @@ from peftclip.adapters.lora import ClipLoraConfig, apply_lora, lora_target_names
 from peftclip.adapters.lora_init import INITIAL_LORA_ATTR
 from peftclip.adapters.strategy import AdapterSpec, apply_strategy
 from peftclip.checkpoint import trainable_state_dict
+from peftclip.cli import main
 from peftclip.inference import AdaptedCLIP
 from peftclip.io import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, load_adapter, read_metadata, save_adapter
 from peftclip.models import load_base
@@ -145,7 +147,7 @@ def test_variant_saves_and_loads_to_the_same_outputs(saved, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_switches_and_merges_in_adapted_clip(saved, tmp_path, variant):
+def test_variant_switches_merges_and_exports_in_adapted_clip(saved, tmp_path, variant):
     base = load_base()
     plain, _ = apply_strategy(base.model, AdapterSpec(lora=ClipLoraConfig(r=2)), init_lora_weights=False)
     plain_out = _encode(plain, base)
@@ -158,6 +160,9 @@ def test_variant_switches_and_merges_in_adapted_clip(saved, tmp_path, variant):
         assert torch.allclose(_encode(clip.model, base), want, atol=TOL), name
     clip.merge("variant")
     assert torch.allclose(_encode(clip.model, base), saved[variant][1], atol=1e-4)
+    exported = clip.export_merged("variant", tmp_path / "merged.safetensors")
+    plain_clip, _, _ = open_clip.create_model_and_transforms("peftclip-tiny", pretrained=str(exported))
+    assert torch.allclose(_encode(plain_clip, base), saved[variant][1], atol=1e-4), "export"
 
 
 @pytest.mark.parametrize("variant", CONVERTED)
@@ -175,6 +180,13 @@ def test_residual_base_inits_are_saved_as_rank_2r_lora_with_the_conversion_recor
     tensors = load_file(folder / SAFETENSORS_WEIGHTS_NAME)
     assert {t.shape[0] for k, t in tensors.items() if ".lora_A." in k} == {r}
     assert {t.shape[1] for k, t in tensors.items() if ".lora_B." in k} == {r}
+
+
+def test_info_shows_the_conversion(saved, capsys):
+    assert main(["info", str(saved["olora"][0])]) == 0
+    out = capsys.readouterr().out
+    assert "converted:  from init_lora=olora (r=4, lora_alpha=8.0) to plain LoRA" in out
+    assert "init_lora=default, lora_alpha=16.0" in out and "r=8," in out
 
 
 def test_an_unconverted_residual_base_adapter_loads_alone_and_is_refused_on_a_shared_base(
