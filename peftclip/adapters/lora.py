@@ -325,7 +325,8 @@ def to_peft_config(model: nn.Module, config: ClipLoraConfig, **overrides: Any) -
     """
     if overrides.get("inference_mode") and config.init_lora in MUTATING_INITS:
         raise ValueError(f"init_lora={config.init_lora!r}: the adapter was trained on a residual base W - B0·A0 that "
-                         f"adapters sharing one base cannot have; load it alone with peftclip.load_adapter")
+                         f"adapters sharing one base cannot have; load it alone with peftclip.load_adapter (saving "
+                         f"it again with peftclip.save_adapter converts it to plain LoRA on the unmodified base)")
     convert_attention(model, _fused_qkv(config))  # the form `config`'s attention targets need
     names = lora_target_names(model, config)  # checks every targeted module is a linear or conv layer
     native = any(family_of(model, tower).name in _NATIVE for tower in config.towers)
