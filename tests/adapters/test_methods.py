@@ -7,6 +7,7 @@ import copy
 import json
 
 import open_clip
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,6 +19,7 @@ from peftclip.adapters.strategy import AdapterSpec, apply_strategy
 from peftclip.checkpoint import trainable_state_dict
 from peftclip.cli import main
 from peftclip.inference import AdaptedCLIP
+from peftclip.interop import prepare_for_peft
 from peftclip.io import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, load_adapter, read_metadata, save_adapter
 from peftclip.models import load_base
 from peftclip.train import TrainConfig, create_optimizer
@@ -182,6 +184,14 @@ def test_residual_base_inits_are_saved_as_rank_2r_lora_with_the_conversion_recor
     assert {t.shape[1] for k, t in tensors.items() if ".lora_B." in k} == {r}
 
 
+@pytest.mark.parametrize("variant", ["pissa", "olora_dora"])
+def test_converted_adapter_loads_in_plain_peft_on_the_unmodified_base(saved, variant):
+    folder, want = saved[variant]
+    base = load_base()
+    model = peft.PeftModel.from_pretrained(prepare_for_peft(base.model), str(folder))
+    assert torch.allclose(_encode(model, base), want, atol=TOL)
+
+
 def test_info_shows_the_conversion(saved, capsys):
     assert main(["info", str(saved["olora"][0])]) == 0
     out = capsys.readouterr().out
@@ -203,6 +213,12 @@ def test_an_unconverted_residual_base_adapter_loads_alone_and_is_refused_on_a_sh
     assert torch.allclose(_encode(load_adapter(load_base(), folder), base), _encode(model, base), atol=TOL)
     with pytest.raises(ValueError, match="init_lora='pissa'.*load_adapter"):
         AdaptedCLIP(load_base()).load_adapter(folder, "old")
+    monkeypatch.undo()  # saving the loaded adapter again converts it
+    fresh = load_base()
+    resaved = save_adapter(load_adapter(fresh, folder), tmp_path / "new", fresh.info, spec.to_dict())
+    clip = AdaptedCLIP(load_base())
+    clip.load_adapter(resaved, "new")
+    assert torch.allclose(_encode(clip.model, base), _encode(model, base), atol=TOL)
 
 
 def test_a_residual_base_model_without_its_initial_weights_is_refused_at_save(tmp_path):
