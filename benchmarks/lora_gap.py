@@ -5,10 +5,12 @@ leaves out the LoRA branches themselves. This splits the gap into its parts by t
 the same bare training step (random batch made once, no data loading, no Accelerate) on:
 
 - `floor`: the suite's LoRA floor (open_clip's fused `nn.MultiheadAttention`);
-- `split_trunk`: the same after peftclip's `convert_attention` (separate q, k, v);
-- `hand_lora`: `split_trunk` plus hand-written rank-r branches on q, k, v, out, c_fc and
-  c_proj (x·Aᵀ·Bᵀ·alpha/r, no PEFT), training only A and B;
-- `peftclip_lora`: the model peftclip's recipe trains (`apply_strategy`, PEFT layers).
+- `split_trunk`: the same after peftclip's `convert_attention` (q, k and v in one linear, as the
+  `qkv` target needs);
+- `hand_lora`: `split_trunk` plus hand-written rank-r branches on qkv, out, c_fc and c_proj
+  (x·Aᵀ·Bᵀ·alpha/r, no PEFT), training only A and B;
+- `peftclip_lora`: the model peftclip's recipe trains (`apply_strategy`, PEFT layers), with the
+  suite's LoRA targets (`benchmarks/training.py`: qkv, out, c_fc, c_proj).
 
 `hand_lora` against `split_trunk` is the price of the LoRA math; `peftclip_lora`
 against `hand_lora` is the price of PEFT's wrappers.
@@ -35,14 +37,16 @@ from benchmarks.process import median_seconds
 from benchmarks.report import write_results
 from peftclip.adapters import AdapterSpec, apply_strategy
 from peftclip.adapters.attention import convert_attention
-from peftclip.adapters.lora import TARGETS, ClipLoraConfig
+from peftclip.adapters.lora import ClipLoraConfig
 from peftclip.adapters.strategy import inner_model
+from peftclip.families import FAMILIES
 
 __all__ = ["VARIANTS", "create_variant_step", "main"]
 
 VARIANTS: tuple[str, ...] = ("floor", "split_trunk", "hand_lora", "peftclip_lora")
 _POSITIONAL = ("visual.positional_embedding", "positional_embedding")
 RESULTS = Path(__file__).parent / "results"
+_TARGETS = ["qkv", "out", "c_fc", "c_proj"]  # the suite's LoRA (benchmarks/training.py)
 
 
 class _HandLora(nn.Module):
@@ -66,13 +70,14 @@ def _build(model_name: str, variant: str, lora: ClipLoraConfig) -> nn.Module:
     model.train()
     if variant == "peftclip_lora":
         return inner_model(apply_strategy(model, AdapterSpec(lora=lora))[0])
-    convert_attention(model)
+    convert_attention(model, fused_qkv=True)
     for name, param in model.named_parameters():
         # Without trainable weights in the trunk, trainable first-block inputs make autograd
         # carry activation gradients through every block, as LoRA's backward must.
         param.requires_grad_(variant == "split_trunk" and name in _POSITIONAL)
     if variant == "hand_lora":
-        leaves = {path.rpartition(".")[2] for path in (TARGETS[t] for t in lora.target_modules)}
+        native = FAMILIES[0].targets  # paths inside a native open_clip block
+        leaves = {path.rpartition(".")[2] for t in lora.target_modules for path in native[t]}
         for module in list(model.modules()):
             for child in leaves:
                 if isinstance(getattr(module, child, None), nn.Linear):
@@ -88,7 +93,7 @@ def create_variant_step(model_name: str, variant: str, batch_size: int, *, r: in
         model_name: open_clip architecture, random weights made from `seed`.
         variant: one of `VARIANTS`.
         batch_size: image-caption pairs per step (random tensors, made once).
-        r: LoRA rank of the LoRA variants (alpha = 2r, all six targets, both towers).
+        r: LoRA rank of the LoRA variants (alpha = 2r, qkv, out, c_fc and c_proj, both towers).
         seed: seed of the weights and the batch.
 
     Returns:
@@ -102,7 +107,7 @@ def create_variant_step(model_name: str, variant: str, batch_size: int, *, r: in
     if variant == "floor":
         return floor.create_floor_step(model_name, "lora", batch_size, seed=seed)[1]
     torch.manual_seed(seed)
-    model = _build(model_name, variant, ClipLoraConfig(r=r, lora_alpha=2.0 * r))
+    model = _build(model_name, variant, ClipLoraConfig(target_modules=_TARGETS, r=r, lora_alpha=2.0 * r))
     images, texts = floor._random_batch(model, batch_size, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 

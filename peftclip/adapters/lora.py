@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import peft
-import torch
-from peft.tuners.lora import Linear as _PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -26,6 +24,7 @@ from ..families import FAMILIES, TOWERS, block_paths, family_of, tower_prefix
 from ..utils import ConfigMixin
 from .attention import convert_attention
 from .lora_init import keep_initial_lora
+from .lora_layer import LeanLoraLinear, keep_activation_inputs
 
 __all__ = ["FUSED_QKV", "INIT_LORA", "LORA_TARGETS", "MUTATING_INITS", "TARGETS", "TOWERS", "ClipLoraConfig",
            "LeanLoraLinear", "apply_lora", "lora_parameter_count", "lora_target_names", "tower_blocks_path"]
@@ -280,40 +279,6 @@ def _unsplit_guard(config: ClipLoraConfig) -> dict[str, Any]:
     return {}  # MLP-only: open_clip's own modules, correct with or without the split
 
 
-class LeanLoraLinear(_PeftLoraLinear):
-    """PEFT's LoRA `Linear` with a leaner forward: the update is added by one `addmm_` into the base output.
-
-    PEFT computes `result + lora_B(lora_A(x)) * scaling`, which allocates three activation-sized
-    buffers (B's product, the scaled copy, the sum) per adapted layer and step. On a CPU with
-    glibc `malloc` these short-lived buffers, interleaved with the activations autograd keeps,
-    fragment the heap: ViT-B-32 LoRA peaked ~2 GB above its floor. Adding `scaling · (A·x) Bᵀ`
-    in place into the base output allocates none of them; autograd keeps the same tensors
-    (neither the base product nor `addmm` saves its output). Anything else (DoRA and other
-    variants, merged or disabled adapters, mixed-adapter batches, mixed dtypes) runs PEFT's forward.
-    Registered through PEFT's custom-module hook, so saved adapters are plain PEFT LoRA.
-    """
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if args or kwargs or not self._lean(x, active):
-            return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
-        if not result.is_contiguous():
-            return super().forward(x)
-        flat = result.view(-1, result.shape[-1])  # (tokens, out)
-        for name in active:
-            h = self.lora_A[name](self.lora_dropout[name](x))  # (..., r)
-            flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t(), alpha=self.scaling[name])
-        return result
-
-    def _lean(self, x: torch.Tensor, active: list[str]) -> bool:
-        """Whether the in-place form computes what PEFT's forward would: vanilla LoRA, one dtype, no autocast."""
-        if self.disable_adapters or self.merged or torch.is_autocast_enabled(x.device.type):
-            return False
-        weights = [layer[a].weight for layer in (self.lora_A, self.lora_B) for a in active]
-        return not any(a in self.lora_variant for a in active) and all(w.dtype == x.dtype for w in weights)
-
-
 def to_peft_config(model: nn.Module, config: ClipLoraConfig, **overrides: Any) -> peft.LoraConfig:
     """PEFT's ClipLoraConfig targeting exactly the layers `config` names, as one short anchored regex.
 
@@ -336,6 +301,7 @@ def to_peft_config(model: nn.Module, config: ClipLoraConfig, **overrides: Any) -
     peft_config = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                   target_modules=_target_regex(model, names, config.towers), bias="none", **settings)
     peft_config._register_custom_module({nn.Linear: LeanLoraLinear})  # not saved: adapters stay plain PEFT
+    keep_activation_inputs(model)  # so LoRA on the MLP's output layer keeps GELU's input, not its output
     return peft_config
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import peft
 import pytest
+import timm
 import torch
+from open_clip.transformer import QuickGELU
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftclip.adapters.attention import convert_attention
 from peftclip.adapters.lora import TARGETS, ClipLoraConfig, LeanLoraLinear, apply_lora, lora_target_names
+from peftclip.adapters.lora_layer import keep_activation_inputs
 from peftclip.models import load_base
 from tests.conftest import image_batch, text_batch
 
@@ -178,3 +182,95 @@ def test_lean_lora_linear_allocates_one_output_sized_tensor(lean, allocations):
     with _OutputSizedAllocations(3 * 5 * 6) as counter:
         layer(x)
     assert counter.count == allocations  # PEFT: base output, B's product, its scaled copy, the sum
+
+
+class _OpenClipMlp(torch.nn.Sequential):
+    """open_clip's native block MLP: c_fc -> gelu -> c_proj."""
+
+    def __init__(self, act: torch.nn.Module) -> None:
+        super().__init__(OrderedDict(c_fc=torch.nn.Linear(4, 16), gelu=act, c_proj=torch.nn.Linear(16, 4)))
+
+
+MLP_CASES = {  # name -> (module, LoRA targets)
+    "open_clip gelu": (lambda: _OpenClipMlp(torch.nn.GELU()), ["c_fc", "c_proj"]),
+    "open_clip gelu tanh": (lambda: _OpenClipMlp(torch.nn.GELU(approximate="tanh")), ["c_fc", "c_proj"]),
+    "open_clip QuickGELU": (lambda: _OpenClipMlp(QuickGELU()), ["c_proj"]),
+    "timm Mlp": (lambda: timm.layers.Mlp(4, 16, act_layer=torch.nn.GELU), ["fc1", "fc2"]),
+}
+
+
+def _lora_mlp(case: str, lean: bool) -> torch.nn.Module:
+    """One MLP with LoRA (r=2, non-zero B) on its targets: peftclip's lean layers or PEFT's own."""
+    torch.manual_seed(0)
+    build, targets = MLP_CASES[case]
+    model = build()
+    config = peft.LoraConfig(r=2, lora_alpha=3.0, target_modules=targets, init_lora_weights=False)
+    if lean:
+        config._register_custom_module({torch.nn.Linear: LeanLoraLinear})
+        keep_activation_inputs(model)
+    return peft.get_peft_model(model, config).get_base_model()
+
+
+@pytest.mark.parametrize("case", MLP_CASES)
+def test_lora_after_an_activation_matches_peft_forward_and_gradients(case):
+    """LoRA on the MLP's output layer keeps the activation's input and recomputes its output: PEFT's numbers."""
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    outputs = []
+    for lean in (True, False):
+        model = _lora_mlp(case, lean)
+        y = model(x)
+        trained = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+        outputs.append((y, *torch.autograd.grad((y * y).sum(), [x, *trained])))
+    for got, want in zip(*outputs):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def _saved_bytes(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for the backward of both encoders."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.encode_image(images), model.encode_text(texts)
+    return sum(saved.values())
+
+
+def test_lora_keeps_no_more_than_the_floor_and_the_inputs_a_must_keep(tiny_base):
+    """The frozen model whose first-block inputs need grad (the suite's LoRA floor) keeps F bytes; LoRA on qkv,
+    out, c_fc and c_proj may add only the d-wide inputs of the first three A products and the r-wide A outputs:
+    not c_proj's 4d-wide input, the GELU output, which it recomputes."""
+    model, r = tiny_base.model, 8
+    images, texts = image_batch(model, 8), text_batch(tiny_base)
+    floor = copy.deepcopy(model)
+    convert_attention(floor, True)
+    floor.requires_grad_(False)
+    for param in (floor.visual.positional_embedding, floor.positional_embedding):
+        param.requires_grad_(True)
+    config = ClipLoraConfig(target_modules=["qkv", "out", "c_fc", "c_proj"], r=r, lora_alpha=16.0)
+    lora = apply_lora(model, config).get_base_model()
+    width, blocks = model.transformer.width, len(model.transformer.resblocks)  # both towers: 64 wide, 2 blocks
+    tokens = images.shape[0] * (model.visual.grid_size[0] ** 2 + 1) + texts.numel()
+    unavoidable = blocks * tokens * (3 * width + 4 * r) * 4  # fp32
+    assert model.visual.transformer.width == width and len(model.visual.transformer.resblocks) == blocks
+    assert _saved_bytes(lora, images, texts) - _saved_bytes(floor, images, texts) <= unavoidable
+
+
+def test_lora_recompute_is_exact_under_open_clips_grad_checkpointing(tiny_base):
+    """open_clip's non-reentrant checkpointing replays the blocks' forwards: the same gradients as without it."""
+    model = tiny_base.model
+    lora = apply_lora(model, ClipLoraConfig(target_modules=["qkv", "out", "c_fc", "c_proj"]),
+                      init_lora_weights=False).get_base_model()
+    images = image_batch(model, 4)
+    grads = []
+    for checkpointing in (False, True):
+        lora.set_grad_checkpointing(checkpointing)
+        trained = [p for n, p in sorted(lora.named_parameters()) if p.requires_grad and n.startswith("visual.")]
+        grads.append(torch.autograd.grad(lora.encode_image(images).square().sum(), trained))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
