@@ -34,7 +34,9 @@ _HOOKED = "_peftclip_keeps_input"  # on an activation module whose hook is regis
 
 
 def _tag_output(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
+    # Only outputs that need grad: then the activation's backward keeps its input anyway, and the tag holds
+    # nothing alive that autograd would not.
+    if isinstance(output, torch.Tensor) and output.requires_grad and inputs and isinstance(inputs[0], torch.Tensor):
         setattr(output, _TAG, (module, inputs[0], output._version))
 
 
@@ -42,7 +44,7 @@ def keep_activation_inputs(model: nn.Module) -> None:
     """Make each activation of `model` in `RECOMPUTABLE_ACTIVATIONS` tag its output with its input (once).
 
     A `LeanLoraLinear` fed such an output keeps the activation's input for its A gradient
-    instead of the output. Under `torch.no_grad()` nothing is tagged.
+    instead of the output. Outputs that need no grad (`torch.no_grad()`, frozen inputs) are not tagged.
     """
     for module in model.modules():
         if isinstance(module, RECOMPUTABLE_ACTIVATIONS) and not getattr(module, _HOOKED, False):

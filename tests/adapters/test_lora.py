@@ -196,6 +196,10 @@ MLP_CASES = {  # name -> (module, LoRA targets)
     "open_clip gelu tanh": (lambda: _OpenClipMlp(torch.nn.GELU(approximate="tanh")), ["c_fc", "c_proj"]),
     "open_clip QuickGELU": (lambda: _OpenClipMlp(QuickGELU()), ["c_proj"]),
     "timm Mlp": (lambda: timm.layers.Mlp(4, 16, act_layer=torch.nn.GELU), ["fc1", "fc2"]),
+    # GELU's output changed in place before c_proj: recomputing GELU would be wrong, the plain form runs
+    "in-place op after gelu": (lambda: torch.nn.Sequential(OrderedDict(
+        c_fc=torch.nn.Linear(4, 16), gelu=torch.nn.GELU(), relu=torch.nn.ReLU(inplace=True),
+        c_proj=torch.nn.Linear(16, 4))), ["c_proj"]),
 }
 
 
