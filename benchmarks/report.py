@@ -8,7 +8,7 @@ from pathlib import Path
 
 from peftclip.utils import human_size
 
-__all__ = ["check_targets", "render_markdown", "render_plot", "update_readme", "write_results"]
+__all__ = ["check_targets", "render_markdown", "render_plot", "replace_section", "update_readme", "write_results"]
 
 MB = 1_000_000
 # Strategies whose training reads cached image features, not images through the data pipeline.
@@ -157,16 +157,24 @@ def render_plot(result: dict, path: Path) -> Path:
     return path
 
 
-def update_readme(readme: Path, mode: str, report: str) -> None:
-    """Replace the README's section for `mode` (between its markers) with `report`, or append one."""
-    begin, end = f"<!-- suite-{mode}:begin -->", f"<!-- suite-{mode}:end -->"
+def replace_section(readme: Path, name: str, report: str, heading: str) -> None:
+    """Replace the README's text between `<!-- name:begin -->` and `<!-- name:end -->` with `report`.
+
+    A README without the markers gets them appended under `## heading`.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     section = f"{begin}\n{report}\n{end}"
     text = readme.read_text()
     if begin in text and end in text:
         text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
-        text = text.rstrip() + f"\n\n## Suite: {mode}\n\n{section}\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n{section}\n"
     readme.write_text(text)
+
+
+def update_readme(readme: Path, mode: str, report: str) -> None:
+    """Replace the README's section for the suite's `mode` (between its markers) with `report`, or append one."""
+    replace_section(readme, f"suite-{mode}", report, heading=f"Suite: {mode}")
 
 
 def write_results(out: Path, stem: str, result: dict, table: str) -> None:
