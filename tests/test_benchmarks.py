@@ -112,3 +112,24 @@ def test_wds_loader_benchmark_refuses_shards_that_would_hang_open_clip_train(tmp
     with pytest.raises(ValueError, match="never fill a batch of 64"):
         wds_loader.main(argv)
     assert not any(tmp_path.iterdir())  # refused before writing shards or starting a loader
+
+
+def test_few_shot_quick_has_a_row_per_method_and_replaces_the_readme_section(tmp_path):
+    """Two methods, one seed, two steps on real CIFAR-10: zero-shot, each method's top-1, the README section."""
+    from benchmarks import few_shot
+    from tests.conftest import shared_data
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n### Methods\n\n<!-- few-shot:begin -->\nold\n<!-- few-shot:end -->\n\n## Next\n")
+    result = few_shot.main(["--quick", "--source", str(shared_data("cifar10")), "--out", str(tmp_path / "results"),
+                            "--readme", str(readme)])
+    rows = result["methods"]
+    assert list(rows) == list(few_shot.QUICK_METHODS) and result["settings"]["seeds"] == [1]
+    assert all(0 <= row["top1_mean"] <= 100 and row["top1_std"] == 0 for row in [*rows.values(), result["zero_shot"]])
+    assert rows["linear probe"]["steps"] == 2 and rows["Tip-Adapter"]["steps"] == 0  # training-free
+    table = (tmp_path / "results" / "few_shot.md").read_text()
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and " ± " in line] == \
+        ["| zero-shot", "| linear probe", "| Tip-Adapter"]
+    assert "not published accuracy" in table and (tmp_path / "results" / "few_shot.png").read_bytes()[:4] == b"\x89PNG"
+    text = readme.read_text()
+    assert "old" not in text and text.count("<!-- few-shot:begin -->") == 1 and text.endswith("## Next\n")
+    assert "| Tip-Adapter |" in text and "](results/few_shot.png)" in text
