@@ -96,24 +96,26 @@ class LeanLoraLinear(_PeftLoraLinear):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if args or kwargs or not self._lean(x, active):
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
+        # On (tokens, features): the in-place update then lands on addmm's own output, not on a view of it,
+        # which autograd would undo in the backward with an output-sized clone and copy (CopySlices).
+        flat_x = x.reshape(-1, x.shape[-1])
+        result = self.base_layer(flat_x)  # (tokens, out)
         if not result.is_contiguous():
             return super().forward(x)
-        flat = result.view(-1, result.shape[-1])  # (tokens, out)
         for name in active:
-            h = self._lora_a(name, x)  # (..., r)
-            flat.addmm_(h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t(), alpha=self.scaling[name])
-        return result
+            h = self._lora_a(name, x, flat_x)  # (tokens, r)
+            result.addmm_(h, self.lora_B[name].weight.t(), alpha=self.scaling[name])
+        return result.view(*x.shape[:-1], result.shape[-1])
 
-    def _lora_a(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """A·dropout(x), keeping the producing activation's input instead of `x` where that is exact."""
+    def _lora_a(self, name: str, x: torch.Tensor, flat_x: torch.Tensor) -> torch.Tensor:
+        """A·dropout(x) on `flat_x`, keeping the producing activation's input instead of `x` where that is exact."""
         tag, dropout, lora_a = getattr(x, _TAG, None), self.lora_dropout[name], self.lora_A[name]
         # The tag is the output's own; a version bump means something modified `x` in place since (inplace dropout).
         if tag is None or tag[2] != x._version or not isinstance(dropout, nn.Identity) or lora_a.bias is not None \
                 or not torch.is_grad_enabled():
-            return lora_a(dropout(x))
+            return lora_a(dropout(flat_x))
         act, pre, _ = tag
-        return _LinearOfActivation.apply(x, pre, lora_a.weight, act)
+        return _LinearOfActivation.apply(flat_x, pre, lora_a.weight, act)
 
     def _lean(self, x: torch.Tensor, active: list[str]) -> bool:
         """Whether the in-place form computes what PEFT's forward would: vanilla LoRA, one dtype, no autocast."""
