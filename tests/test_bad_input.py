@@ -60,7 +60,7 @@ BAD_FLAGS = {
     "unknown_tower": (["--towers", "audio"], "unknown tower 'audio'"),
     "full_and_freeze": (["--no-lora", "--full", "--freeze", "vision"], "--full and --freeze contradict each other"),
     "full_and_lora": (["--full"], "--full and LoRA contradict each other: --full trains every base weight"),
-    "cocoop_in_a_recipe": (["--no-lora", "--cocoop"], "--cocoop: the recipes do not yet condition prompts"),
+    "cocoop_in_retrieval": (["--no-lora", "--cocoop"], "--cocoop needs class names to condition on each image"),
     "freeze_and_lora": (["--freeze", "vision"], "--freeze vision and LoRA on the vision tower contradict"),
     "freeze_and_blocks": (["--no-lora", "--freeze", "text", "--last-blocks", "1"],
                           "--freeze text and --last-blocks on the text tower contradict"),
