@@ -130,7 +130,7 @@ class AdaptedCLIP:
         # PeftMixedModel has no IA³ in 0.21): a layer adapted by both is wrapped twice, e.g. IA³(LoRA(Linear)).
         self._peft: dict[str, peft.PeftModel] = {}
         self._peft_on: dict[str, bool] = {}  # whether each type's layers are enabled
-        self._lora_count = 0
+        self._peft_count = 0
         # Held while an adapter is switched in, used and switched back: calls from several threads
         # run one after another instead of seeing each other's adapter.
         self._lock = threading.RLock()
@@ -179,14 +179,14 @@ class AdaptedCLIP:
         had = set(self._peft)
         try:
             if saved.peft_method is not None:
-                record.peft_name = self._add_lora(saved)
+                record.peft_name = self._add_peft(saved)
             self._build_other(record)
         except BaseException:
-            self._remove_lora(saved.peft_method, record.peft_name, had)
+            self._remove_peft(saved.peft_method, record.peft_name, had)
             raise
         return record
 
-    def _remove_lora(self, method: str | None, peft_name: str | None, had: set[str]) -> None:
+    def _remove_peft(self, method: str | None, peft_name: str | None, had: set[str]) -> None:
         """Undo a LoRA / IA³ adapter added by a failed attach: remove PEFT's wrapping too if it came with it."""
         if method not in self._peft:
             return
@@ -226,13 +226,13 @@ class AdaptedCLIP:
         record.trained = self._base_overrides(record.saved, tensors)
         record.params = {n: nn.Parameter(t, requires_grad=False) for n, t in record.trained.items()}
 
-    def _add_lora(self, saved: SavedAdapter) -> str:
+    def _add_peft(self, saved: SavedAdapter) -> str:
         """Add the adapter's LoRA or IA³ weights to PEFT's layers; returns the name PEFT knows them by."""
         method = saved.peft_method
         to_peft_config = _TUNERS[method][0]
         config = to_peft_config(self._inner, getattr(saved.spec, method), inference_mode=True)
-        self._lora_count += 1
-        name = f"adapter{self._lora_count}"
+        self._peft_count += 1
+        name = f"adapter{self._peft_count}"
         if method in self._peft:
             self._peft[method].add_adapter(name, config)
         else:
