@@ -29,6 +29,7 @@ from .data import (
     DataError,
     PairSet,
     _caption_problem,
+    _decode_problem,
     _image_column,
     _ref,
     decode_image,
@@ -141,19 +142,21 @@ class _HubStream:
 
 
 def _held_out_shards(urls: list[str], config: DataConfig) -> PairSet:
-    """The held-out webdataset shards read into a (small) map-style set, every sample checked."""
+    """The held-out webdataset shards read into a (small) map-style set, its first `max_val_images` samples each
+    checked as `--check-data full` checks a map-style set."""
     images, captions, names = [], [], []
     for where, image, caption in _TarShards(urls, config.caption_column, split=False).samples(0, 1):
+        if len(images) == config.max_val_images:
+            break
         problem = _caption_problem(caption) if image is not None else "no image member"
-        if problem is not None:
+        if problem is not None or (problem := _decode_problem(image)) is not None:
             raise DataError(f"{where}: {problem}")
-        decode_image(image, where)
         images.append(image)
         captions.append([c.strip() for c in ([caption] if isinstance(caption, str) else caption)])
         names.append(where)
     if not images:
         raise DataError(f"{', '.join(urls)}: the held-out shards hold no samples")
-    return PairSet(images[:config.max_val_images], captions[:config.max_val_images], names[:config.max_val_images])
+    return PairSet(images, captions, names)
 
 
 def load_stream(config: DataConfig) -> tuple[_TarShards | _HubStream, PairSet]:
@@ -208,8 +211,8 @@ class StreamingPairs(IterableDataset):
         """Yield batches of `batch_size` samples, `batches_per_epoch` of them per epoch in each process."""
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
 
-    def _sample(self, where: str, image: Any, caption: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The transformed sample, or None (counted) when it is unusable."""
+    def _sample(self, where: str, image: Any, caption: Any) -> tuple[torch.Tensor, str] | None:
+        """The transformed image and its chosen caption, or None (counted) when the sample is unusable."""
         self.bad.read()
         problem = ("missing image member" if image is None else "missing caption member" if caption is None
                    else _caption_problem(caption))
@@ -225,11 +228,12 @@ class StreamingPairs(IterableDataset):
         text = (caption if isinstance(caption, str) else caption[random.Random(seed).randrange(len(caption))]).strip()
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
-            return self.transform(decoded), self.tokenizer([text])[0]
+            return self.transform(decoded), text
 
     def _batches(self, worker: int, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless batches of this worker's share: pass after pass over its shards, each shuffled anew."""
-        images, tokens = [], []
+        """Endless batches of this worker's share: pass after pass over its shards, each shuffled anew. A batch's
+        captions are tokenized in one call, as the worker collates it."""
+        images, texts = [], []
         for pass_ in range(1_000_000):
             read = 0
             for where, image, caption in self.stream.samples(stable_seed(self.seed, self.epoch, pass_),
@@ -238,10 +242,10 @@ class StreamingPairs(IterableDataset):
                 if (sample := self._sample(where, image, caption)) is None:
                     continue
                 images.append(sample[0])
-                tokens.append(sample[1])
+                texts.append(sample[1])
                 if len(images) == self.batch_size:
-                    yield torch.stack(images), torch.stack(tokens)
-                    images, tokens = [], []
+                    yield torch.stack(images), self.tokenizer(texts)
+                    images, texts = [], []
             if read == 0:
                 rank, world_size = _rank()
                 raise DataError(f"no samples reach rank {rank} worker {worker}: a stream needs at least as many "

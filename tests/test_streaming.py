@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from peftclip.cli import main as cli_main
-from peftclip.data import DataConfig, DataError, TrainPairs, load_pairs
+from peftclip.data import DataConfig, DataError, TrainPairs, decode_image, load_pairs
 from peftclip.io import SAFETENSORS_WEIGHTS_NAME
 from peftclip.recipes import lora_retrieval
 from peftclip.streaming import StreamingPairs, _TarShards, load_stream
@@ -112,7 +112,8 @@ def _stream(source: str, **config) -> StreamingPairs:
     data_config = DataConfig(source=source, **config)
     stream, _ = load_stream(data_config)
     return StreamingPairs(stream, lambda image: torch.zeros(1),
-                          lambda texts: torch.tensor([[int(texts[0].split()[-1])]]), config=data_config)
+                          lambda texts: torch.tensor([[int(text.split()[-1])] for text in texts]),
+                          config=data_config)
 
 
 def _keys(pairs: StreamingPairs, batch_size: int, batches: int) -> list[int]:
@@ -136,6 +137,36 @@ def test_too_many_bad_stream_samples_stop_naming_shard_and_key(tmp_path):
                     shuffle_buffer=1)
     with pytest.raises(DataError, match=r"0000[01].tar 00000[59]: .*max_bad_fraction=0.0"):
         _keys(pairs, 4, 3)
+
+
+def test_a_worker_tokenizes_each_batch_in_one_call(tmp_path):
+    pairs = _stream(_write_shards(tmp_path / "shards", 3, 8), shuffle_buffer=1)
+    tokenize, calls = pairs.tokenizer, []
+    pairs.tokenizer = lambda texts: calls.append(len(texts)) or tokenize(texts)
+    assert sorted(_keys(pairs, 4, 3)) == list(range(12)) and calls == [4, 4, 4]
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_decoding_a_stream_image_copies_no_pixels(monkeypatch, orientation):
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation  # rotate 90 degrees clockwise to display
+    out = io.BytesIO()
+    Image.new("RGB", (20, 16), (200, 10, 10)).save(out, "JPEG", exif=exif)
+    monkeypatch.setattr(Image.Image, "copy", lambda self: pytest.fail("decode_image copied the decoded image"))
+    image = decode_image(out.getvalue())
+    assert image.mode == "RGB" and image.size == ((16, 20) if orientation else (20, 16))
+
+
+@pytest.mark.parametrize(("bad_key", "loads"), [(17, True), (16, False)])
+def test_held_out_shards_check_only_the_images_kept(tmp_path, bad_key, loads):
+    config = DataConfig(source=_write_shards(tmp_path / "shards", 3, 8, bad={bad_key: {"jpg": BAD_JPEG}}),
+                        max_val_images=1)
+    if loads:
+        assert [name.split()[-1] for name in load_stream(config)[1].names] == ["000016"]
+    else:
+        with pytest.raises(DataError, match=r"00002.tar 000016: cannot decode image"):
+            load_stream(config)
 
 
 @pytest.mark.parametrize("files", [1, 2])
@@ -190,8 +221,8 @@ config = TrainConfig(cpu=True, batch_size=8, num_workers=2)
 accelerator = create_accelerator(config)
 data = DataConfig(source=sys.argv[1], train_num_samples=32, shuffle_buffer=4, **json.loads(sys.argv[3]))
 stream, _ = load_stream(data)
-pairs = StreamingPairs(stream, lambda image: torch.zeros(1), lambda t: torch.tensor([[int(t[0].split()[-1])]]),
-                       config=data)
+pairs = StreamingPairs(stream, lambda image: torch.zeros(1),
+                       lambda t: torch.tensor([[int(x.split()[-1])] for x in t]), config=data)
 loader, batches = _create_loader(pairs, config, accelerator, torch.Generator())
 seen = {}
 for epoch in (0, 1):
