@@ -12,10 +12,11 @@ from typing import Any, Callable, Iterator
 from accelerate import Accelerator
 
 from .config import add_config_arguments, parse_config
-from .io import check_output_dir, lock_output_dir
-from .train import TrainingInterrupted, create_accelerator
+from .io import check_output_dir, lock_output_dir, save_metrics
+from .tracking import save_curves
+from .train import TrainingInterrupted, create_accelerator, format_metrics_table
 
-__all__ = ["recipe_parser", "recipe_prog", "run_recipe"]
+__all__ = ["finish_run", "recipe_parser", "recipe_prog", "run_recipe"]
 
 # The command a recipe runs under when another command starts it (`peftclip train NAME`); None: the script's name.
 _PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("peftclip_recipe_prog", default=None)
@@ -95,3 +96,20 @@ def run_recipe(argv: list[str] | None, parser: argparse.ArgumentParser, sections
         parser.exit(143 if "SIGTERM" in str(e) else 130, "interrupted before or after training; nothing was saved\n")
     except (ValueError, OSError, RuntimeError) as e:
         parser.exit(2, f"error: {e}\n")
+
+
+def finish_run(accelerator: Accelerator, metrics: dict[str, Any], save: Callable[[str], Any],
+               output_dir: str) -> dict[str, Any]:
+    """A recipe's last words: the before/after table and throughput printed, then (main process) the adapter
+    saved with `save(output_dir)`, its `metrics.json` and training curves beside it."""
+    accelerator.print(format_metrics_table(metrics["before"], metrics["after"]))
+    speed = metrics["train_images_per_second"]
+    accelerator.print(f"{metrics['steps']} steps at {speed:.1f} images/s (after the first steps)" if speed
+                      else f"{metrics['steps']} training steps")
+    if accelerator.is_main_process:
+        out = save(output_dir)
+        save_metrics(out, metrics)
+        save_curves(out, metrics)
+        accelerator.print(f"adapter saved to {out}")
+    accelerator.wait_for_everyone()
+    return metrics

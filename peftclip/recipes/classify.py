@@ -49,17 +49,16 @@ from peftclip.cache import FeatureCache, cache_image_tower
 from peftclip.data import DataConfig, EvalImages, LabelledImages, load_labelled
 from peftclip.evaluate import classification_accuracy
 from peftclip.fewshot import few_shot_indices, select_shots
-from peftclip.io import check_output_dir, save_adapter, save_metrics
+from peftclip.io import check_output_dir, save_adapter
 from peftclip.losses import contrastive_step, cross_entropy_step
 from peftclip.models import BaseConfig, load_base
-from peftclip.recipe import recipe_parser, run_recipe
+from peftclip.recipe import finish_run, recipe_parser, run_recipe
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
-from peftclip.tracking import TrainingMonitor, save_curves
+from peftclip.tracking import TrainingMonitor
 from peftclip.train import (
     TrainConfig,
     TrainResult,
     embed_dataset,
-    format_metrics_table,
     images_per_second,
     result_fingerprint,
     train,
@@ -283,16 +282,7 @@ def training_function(config: dict, accelerator) -> dict:
                    "train_images": len(train_data.images), "skipped_rows": train_data.skipped + test_data.skipped,
                    "train_images_per_second": images_per_second(result.step_seconds, monitor.images_per_step),
                    **monitor.finish(len(result.losses), after)}
-    accelerator.print(format_metrics_table(before, after))
-    accelerator.print(f"{len(result.losses)} steps at {metrics['train_images_per_second'] or float('nan'):.1f} "
-                      f"images/s (after the first steps)")
-    if accelerator.is_main_process:
-        out = save(config["train"].output_dir)
-        save_metrics(out, metrics)
-        save_curves(out, metrics)
-        accelerator.print(f"adapter saved to {out}")
-    accelerator.wait_for_everyone()
-    return metrics
+    return finish_run(accelerator, metrics, save, config["train"].output_dir)
 
 
 def run_seeds(config: dict, accelerator) -> dict:

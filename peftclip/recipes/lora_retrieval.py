@@ -30,16 +30,15 @@ from peftclip.data import (
     eval_texts,
     load_pairs,
 )
-from peftclip.io import save_adapter, save_metrics
+from peftclip.io import save_adapter
 from peftclip.models import BaseConfig, load_base
-from peftclip.recipe import recipe_parser, run_recipe
+from peftclip.recipe import finish_run, recipe_parser, run_recipe
 from peftclip.streaming import StreamingPairs, is_streaming, load_stream
 from peftclip.synthetic import default_data_dir, make_shapes_dataset
-from peftclip.tracking import TrainingMonitor, save_curves
+from peftclip.tracking import TrainingMonitor
 from peftclip.train import (
     TrainConfig,
     evaluate_retrieval,
-    format_metrics_table,
     images_per_second,
     result_fingerprint,
     train,
@@ -125,16 +124,7 @@ def training_function(config: dict, accelerator) -> dict:
                    "skipped_steps": result.skipped_steps, "bad_samples": train_set.bad.count, **counts,
                    "train_images_per_second": images_per_second(result.step_seconds, monitor.images_per_step),
                    **monitor.finish(len(result.losses), after)}
-    accelerator.print(format_metrics_table(before, after))
-    accelerator.print(f"{len(result.losses)} steps at {metrics['train_images_per_second'] or float('nan'):.1f} "
-                      f"images/s (after the first steps)")
-    if accelerator.is_main_process:
-        out = save(train_config.output_dir)
-        save_metrics(out, metrics)
-        save_curves(out, metrics)
-        accelerator.print(f"adapter saved to {out}")
-    accelerator.wait_for_everyone()
-    return metrics
+    return finish_run(accelerator, metrics, save, train_config.output_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:

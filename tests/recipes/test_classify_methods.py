@@ -106,10 +106,13 @@ def lora_folder(tmp_path_factory):
     return save_adapter(model, tmp_path_factory.mktemp("lora") / "lora", base.info, {"lora": {"r": 2}})
 
 
-def test_tip_adapter_takes_no_step_and_reloads_to_the_same_predictions(tmp_path, optimizer_steps, lora_folder):
+def test_tip_adapter_takes_no_step_and_reloads_to_the_same_predictions(tmp_path, optimizer_steps, lora_folder,
+                                                                        capsys):
     source, out = shared_data("cifar10"), tmp_path / "tip"
     metrics = classify.main(["--source", str(source), "--output-dir", str(out), "--search", *CIFAR])
     assert optimizer_steps == [] and metrics["steps"] == 0
+    printed = capsys.readouterr().out
+    assert "0 training steps" in printed and "nan" not in printed  # no throughput of steps that never ran
     search = metrics["tip_adapter_search"]
     saved = read_metadata(out)["strategy"]["tip_adapter"]
     assert (saved["alpha"], saved["beta"], saved["cache_size"]) == (search["alpha"], search["beta"], 160)
