@@ -134,6 +134,16 @@ def test_info_shows_base_strategy_size_and_metrics(adapter, capsys):
     assert "top1: 10.00 -> 42.00" in text
 
 
+def test_output_into_a_closed_pipe_is_not_an_error(adapter):
+    """`peftclip info X | head -1`: the reader leaves early; no 'error: Broken pipe', a zero exit."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    done = subprocess.run([Path(sys.executable).with_name("peftclip"), "info", str(adapter)], stdout=write,
+                          stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert done.returncode == 0 and "error" not in done.stderr, done.stderr
+
+
 def test_info_orders_recall_by_k(adapter, capsys):
     save_metrics(adapter, {"before": {f"R@{k}": float(k) for k in (1, 10, 5)},
                            "after": {f"R@{k}": float(k) for k in (10, 1, 5)}})
