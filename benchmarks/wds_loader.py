@@ -8,6 +8,10 @@ transform (the train preprocess of `open_clip.create_model_and_transforms`) and 
 process, killed after `--timeout` seconds, and times one epoch of every training sample from creating its loader
 to the last batch (worker start-up included). The ratio is peftclip's images/s over open_clip_train's.
 
+Set-up before that is timed apart (`setup_seconds`): each loader's imports and, for peftclip, `load_stream`, which
+also reads and checks the held-out shard into the evaluation set. open_clip_train's training loader never reads a
+held-out set (its `--val-data` loader is built elsewhere), so counting that read would time work only one side does.
+
 open_clip_train's webdataset epoch is `with_epoch(batches per worker)` over a pipeline that repeats forever, so a
 worker whose shards never fill one batch (fewer samples than `batch_size` in its shards, or none left after
 `filter_no_caption_or_no_image`) loops without yielding and the loader hangs; without `--dataset-resampled` it
@@ -21,6 +25,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from benchmarks.big_data import _samples
@@ -53,37 +58,48 @@ def _transforms(model: str):
     return preprocess_train, open_clip.get_tokenizer(model)
 
 
-def _open_clip_train_loader(shards: str, samples: int, args: argparse.Namespace, preprocess, tokenizer):
+def _open_clip_train_loader(shards: str, samples: int, args: argparse.Namespace, preprocess,
+                            tokenizer) -> Callable[[], Iterable]:
+    """A function creating open_clip_train's training loader of `shards`."""
     from open_clip_train.data import get_wds_dataset
     train_args = argparse.Namespace(  # the fields get_wds_dataset reads, as open_clip_train's parser sets them
         train_data=shards, val_data=None, dataset_resampled=False, train_data_upsampling_factors=None,
         train_num_samples=samples, batch_size=args.batch_size, workers=args.workers, world_size=1, seed=0)
-    return get_wds_dataset(train_args, preprocess, is_train=True, tokenizer=tokenizer).dataloader
+    return lambda: get_wds_dataset(train_args, preprocess, is_train=True, tokenizer=tokenizer).dataloader
 
 
-def _peftclip_loader(shards: str, samples: int, args: argparse.Namespace, preprocess, tokenizer):
+def _peftclip_loader(shards: str, samples: int, args: argparse.Namespace, preprocess,
+                     tokenizer) -> Callable[[], Iterable]:
+    """A function creating peftclip's training loader of `shards`, after `load_stream` has read the held-out one."""
     from torch.utils.data import DataLoader
 
     from peftclip.data import DataConfig
     from peftclip.streaming import StreamingPairs, load_stream
     config = DataConfig(source=shards, train_num_samples=samples)
     stream, _ = load_stream(config)
-    pairs = StreamingPairs(stream, preprocess, tokenizer, seed=0, config=config)
-    pairs.configure(args.batch_size, samples // args.batch_size)  # as peftclip.train does for one process
-    return DataLoader(pairs, batch_size=None, num_workers=args.workers)
+
+    def create() -> DataLoader:
+        pairs = StreamingPairs(stream, preprocess, tokenizer, seed=0, config=config)
+        pairs.configure(args.batch_size, samples // args.batch_size)  # as peftclip.train does for one process
+        return DataLoader(pairs, batch_size=None, num_workers=args.workers)
+    return create
 
 
 def _child(args: argparse.Namespace) -> None:
-    """Time one epoch of `args.child`'s loader; print its images, distinct captions (one per sample) and seconds."""
+    """Time one epoch of `args.child`'s loader; print its images, distinct captions (one per sample), seconds and
+    set-up seconds."""
     preprocess, tokenizer = _transforms(args.model)
     make = _peftclip_loader if args.child == "peftclip" else _open_clip_train_loader
+    setup = time.perf_counter()
+    create = make(args.shards, args.samples, args, preprocess, tokenizer)
     start = time.perf_counter()
     images, batches, texts = 0, 0, set()
-    for image, text in make(args.shards, args.samples, args, preprocess, tokenizer):
+    for image, text in create():
         images, batches = images + image.shape[0], batches + 1
         texts.update(tuple(row) for row in text.tolist())
     seconds = time.perf_counter() - start
-    print("BENCH " + json.dumps({"images": images, "distinct": len(texts), "batches": batches, "seconds": seconds}))
+    print("BENCH " + json.dumps({"images": images, "distinct": len(texts), "batches": batches, "seconds": seconds,
+                                 "setup_seconds": start - setup}))
 
 
 def _check_layout(n_shards: int, per_shard: int, workers: int, batch_size: int) -> None:
@@ -110,9 +126,10 @@ def run_loader(loader: str, shards: str, samples: int, args: argparse.Namespace)
 
 
 def _table(report: dict) -> str:
-    lines = ["| loader | images | batches | seconds | images/s | peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {r['images']:,} | {r['batches']} | {r['seconds']:.1f} | {r['images_per_second']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} |" for name, r in report["loaders"].items()]
+    lines = ["| loader | images | batches | set-up (s) | seconds | images/s | peak RSS (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {r['images']:,} | {r['batches']} | {r['setup_seconds']:.2f} | {r['seconds']:.1f} | "
+              f"{r['images_per_second']:.0f} | {r['peak_rss_mb']:.0f} |" for name, r in report["loaders"].items()]
     return "\n".join(lines) + f"\n\npeftclip / open_clip_train images/s: {report['ratio']:.2f}\n"
 
 
