@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -113,6 +114,44 @@ def test_nonfinite_step_is_skipped_and_counted_when_asked(tmp_path):
     result = train(model, data, config, create_accelerator(config), compute_loss=_NanAtStep(2))
     assert result.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in _trainable(model).values())
+
+
+class _Marker:
+    """An object a graph node holds, so a weak reference tells whether that graph is still alive."""
+
+
+class _HoldInGraph(torch.autograd.Function):
+    """The identity, whose graph node keeps `marker` (as any node keeps what its backward needs)."""
+
+    @staticmethod
+    def forward(ctx, x, marker):
+        ctx.marker = marker
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GraphWatch:
+    """The contrastive objective, noting on each call whether the previous step's graph is still alive."""
+
+    def __init__(self) -> None:
+        self.previous, self.alive = None, []
+
+    def __call__(self, model, batch):
+        if self.previous is not None:
+            self.alive.append(self.previous() is not None)
+        marker = _Marker()
+        self.previous = weakref.ref(marker)
+        return _HoldInGraph.apply(contrastive_step(model, batch), marker)
+
+
+def test_a_step_graph_is_freed_before_the_next_forward(tmp_path):
+    model, data, config = _setup(tmp_path, epochs=1)
+    watch = _GraphWatch()
+    train(model, data, config, create_accelerator(config), compute_loss=watch)
+    assert watch.alive == [False] * (N_PAIRS // 8 - 1)
 
 
 def test_same_seed_gives_same_weights(tmp_path):
