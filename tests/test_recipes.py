@@ -199,7 +199,8 @@ WATCHED = ["--report-to", "tensorboard", "--eval-every-steps", "1", "--save-best
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [[], ["--no-head", "--no-lora", "--text-prompt"], WATCHED])
+@pytest.mark.parametrize("flags", [[], ["--no-head", "--no-lora", "--text-prompt"], WATCHED,
+                                   ["--no-head", "--no-lora", "--tip-adapter", "--fine-tune"]])
 def test_classify_runs_in_two_real_processes(tmp_path, shapes, flags):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(REPO / "recipes" / "classify.py"), "--source", str(shapes / "labels.csv"), "--output-dir",

@@ -149,6 +149,12 @@ def _trains_head_only_on_images(config: dict) -> bool:
     return config["strategy"].head and config["classify"].objective == "ce"
 
 
+def _leaves_parameters_unused(config: dict) -> bool:
+    """Whether some trainable parameter gets no gradient (DDP must be told): a head trained with
+    cross-entropy leaves the text tower out, and Tip-Adapter-F trains the cache keys, never its values."""
+    return _trains_head_only_on_images(config) or (config["strategy"].tip_adapter and config["tip_adapter"].fine_tune)
+
+
 def _check_text_tower_trains(config: dict) -> None:
     """Refuse text-side methods that the objective would leave untrained (and save as dead weight)."""
     if _trains_head_only_on_images(config) and config["strategy"].lora and "text" in config["lora"].towers:
@@ -314,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     # gradient: DDP must be told, or it waits for them.
     return run_recipe(argv, parser, SECTIONS, DEFAULTS,
                       lambda: str(make_shapes_dataset(default_data_dir()) / "labels.csv"), run_seeds,
-                      find_unused_parameters=_trains_head_only_on_images)
+                      find_unused_parameters=_leaves_parameters_unused)
 
 
 if __name__ == "__main__":
