@@ -297,8 +297,9 @@ def _load_dataset(path: str, **kwargs: Any) -> datasets.Dataset:
 
     The conversion leaves memory in this process that grows with the set (pyarrow's pool and the heap keep the
     record batches it wrote: +110 MB anonymous RSS for 16k embedded 224x224 JPEGs, +45 MB for 4k), counted in a
-    training run's peak RSS; loading the prepared cache only memory-maps it. Data files under 8 MB (a Hub set's count
-    as large) are converted here, saving the child's start. If the child fails, the load here raises the error.
+    training run's peak RSS; loading the prepared cache only memory-maps it. For local sets only (a Hub id loads in
+    this process); data files under 8 MB are converted here, saving the child's start. If the child fails, the
+    load here raises the error.
     """
     try:
         builder = datasets.load_dataset_builder(path, **{k: v for k, v in kwargs.items() if k != "split"})
@@ -350,7 +351,8 @@ def _load_split(config: DataConfig, split: str) -> _Split:
         raise DataError(f"cannot read {config.source}: expected a folder, a "
                         f"{'/'.join(sorted(_BUILDERS))} file or glob, or a Hub dataset id 'user/name'")
     with _loading(f"{config.source} (no such local path, so tried as a Hub dataset id)", split):
-        return _Split(_load_dataset(config.source, split=split), Path("."), config.source, None)
+        # In this process: resolving a Hub id twice (here and in a child) would double its Hub round trips.
+        return _Split(datasets.load_dataset(config.source, split=split), Path("."), config.source, None)
 
 
 class _Table(NamedTuple):
