@@ -9,7 +9,6 @@ MLP targets (`c_fc`, `c_proj`, ResNet's `conv2`) are PEFT's `feedforward_modules
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,7 +18,7 @@ from torch import nn
 from ..families import TOWERS, family_of
 from ..utils import ConfigMixin
 from .attention import convert_attention
-from .lora import LORA_TARGETS, ClipLoraConfig, lora_target_names
+from .lora import LORA_TARGETS, ClipLoraConfig, _fused_qkv, _target_regex, lora_target_names
 
 __all__ = ["ATTENTION_TARGETS", "ClipIA3Config", "apply_ia3", "ia3_target_names", "to_peft_config"]
 
@@ -67,19 +66,18 @@ def ia3_target_names(model: nn.Module, config: ClipIA3Config) -> tuple[list[str]
     return names, feedforward
 
 
-def _exactly(names: list[str]) -> str:
-    """An anchored regex matching exactly `names` (a plain list would also match longer names ending in one)."""
-    return rf"^(?:{'|'.join(re.escape(n) for n in names)})$"
-
-
 def to_peft_config(model: nn.Module, config: ClipIA3Config, **overrides: Any) -> peft.IA3Config:
-    """PEFT's IA3Config on exactly the layers `config` names, feed-forward ones marked as such.
+    """PEFT's IA3Config on exactly the layers `config` names, feed-forward ones marked as such, with the
+    attention in the form its targets need (as LoRA's `to_peft_config`).
 
     `overrides` go to `peft.IA3Config` (e.g. `init_ia3_weights=False` for random vectors in tests).
     """
+    targets = config.targets()
+    convert_attention(model, _fused_qkv(targets))
     names, feedforward = ia3_target_names(model, config)
-    return peft.IA3Config(target_modules=_exactly(names),
-                          feedforward_modules=_exactly(feedforward) if feedforward else [], **overrides)
+    return peft.IA3Config(target_modules=_target_regex(model, names, targets.towers),
+                          feedforward_modules=_target_regex(model, feedforward, targets.towers) if feedforward else [],
+                          **overrides)
 
 
 def apply_ia3(model: nn.Module, config: ClipIA3Config, adapter_name: str = "default",
@@ -93,5 +91,4 @@ def apply_ia3(model: nn.Module, config: ClipIA3Config, adapter_name: str = "defa
     >>> sorted({n.rpartition(".ia3_l")[0].rpartition(".")[2] for n, _ in peft_model.named_parameters() if "ia3_l" in n})
     ['c_proj', 'k_proj', 'v_proj']
     """
-    convert_attention(model)
     return peft.get_peft_model(model, to_peft_config(model, config, **peft_overrides), adapter_name=adapter_name)
