@@ -314,6 +314,11 @@ def _load_dataset(path: str, **kwargs: Any) -> datasets.Dataset:
     return datasets.load_dataset(path, **kwargs)
 
 
+def _is_hub_id(source: str) -> bool:
+    """Whether `source` names a Hub dataset ('user/name') rather than a local path."""
+    return source.count("/") == 1 and not Path(source).exists()
+
+
 def _read_file(path: Path, config: DataConfig, split: str) -> datasets.Dataset:
     """A table file (or glob) as one split named `config.split`, so that asking it for another split fails."""
     if "*" not in path.name:
@@ -347,7 +352,7 @@ def _load_split(config: DataConfig, split: str) -> _Split:
             return _Split(_load_dataset(str(source), split=split), source, source.name, None)
     if source.suffix in _BUILDERS:
         return _Split(_read_file(source, config, split), source.parent, source.name, source)
-    if source.exists() or config.source.count("/") != 1:
+    if not _is_hub_id(config.source):
         raise DataError(f"cannot read {config.source}: expected a folder, a "
                         f"{'/'.join(sorted(_BUILDERS))} file or glob, or a Hub dataset id 'user/name'")
     with _loading(f"{config.source} (no such local path, so tried as a Hub dataset id)", split):
@@ -744,7 +749,7 @@ def source_fingerprint(config: DataConfig) -> str:
         raise DataError("no data source given (--source)")
     digest = hashlib.sha256()
     if (streamed := _streamed_files(config)) is not None:
-        if streamed == [Path(config.source)] and not streamed[0].exists() and config.source.count("/") == 1:
+        if streamed == [Path(config.source)] and _is_hub_id(config.source):
             digest.update(f"hub\0{config.source}\0{_hub_revision(config.source)}\n".encode())  # a Hub dataset id
         for path in streamed:
             digest.update(_file_stamp(path, Path(config.source).parent).encode())
