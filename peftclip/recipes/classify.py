@@ -134,14 +134,23 @@ def _objective(config, model, tokenize, class_names, weights):
             texts = tokenize([templates[0].format(class_names[i]) for i in labels.tolist()]).to(images.device)
             return contrastive_step(prepared, (images, texts))
         return model, flyp
-    if config["strategy"].head:
-        return classifier(model), cross_entropy_step
-    if config["strategy"].cocoop:
-        return _cocoop_classifier(model, tokenize, class_names, templates), cross_entropy_step
-    if config["strategy"].tip_adapter:
-        return TipAdapterClassifier(model, weights), cross_entropy_step
+    module = _method_classifier(config["strategy"], model, tokenize, class_names, templates, weights)
+    if module is not None:
+        return module, cross_entropy_step
     return model, lambda prepared, batch: cross_entropy_step(
         _text_classifier(prepared, tokenize, class_names, templates), batch)
+
+
+def _method_classifier(strategy, model, tokenize, class_names, templates, weights):
+    """The images -> logits module of a method that brings its own (head, CoCoOp, Tip-Adapter), else None:
+    the logits then come from the class names' text features."""
+    if strategy.head:
+        return classifier(model)
+    if strategy.cocoop:
+        return _cocoop_classifier(model, tokenize, class_names, templates)
+    if strategy.tip_adapter:
+        return TipAdapterClassifier(model, weights)
+    return None
 
 
 def _trains_head_only_on_images(config: dict) -> bool:
@@ -252,13 +261,8 @@ def training_function(config: dict, accelerator) -> dict:
     def evaluate():
         was_training = model.training
         model.eval()
-        if spec.head:
-            predict = classifier(model)
-        elif spec.tip_adapter:
-            predict = TipAdapterClassifier(model, weights)
-        elif spec.cocoop:
-            predict = _cocoop_classifier(model, tokenize, names, templates)
-        else:
+        predict = _method_classifier(config["strategy"], model, tokenize, names, templates, weights)
+        if predict is None:
             predict = _text_classifier(model, tokenize, names, templates)
         with torch.no_grad():
             accuracy = _accuracy(accelerator, predict, test_images, test_data.labels, n_classes, config["train"])
