@@ -27,7 +27,7 @@ from .checkpoint import (
 )
 from .data import source_fingerprint
 from .evaluate import retrieval_recall
-from .io import SAVE_DTYPES
+from .io import PEFT_METHODS, SAVE_DTYPES
 from .losses import LossFn, clamp_logit_scale, contrastive_step
 from .tracking import REPORT_TO, TrainingMonitor, check_report_to, resolve_trackers, tracking_dir
 from .utils import ConfigMixin, canonical_name, stable_seed
@@ -192,10 +192,9 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 def param_group(name: str) -> str:
     """Which of PARAM_GROUPS a trainable parameter belongs to, by its name under any wrapper."""
     name = canonical_name(name)
-    if "lora_" in name:
-        return "lora"
-    if "ia3_" in name:
-        return "ia3"
+    for method, (_, prefix) in PEFT_METHODS.items():  # a PEFT tuner's tensors (lora_A/B, ia3_l): its own group
+        if prefix in name:
+            return method
     if name.startswith(("peftclip_text_prompt", "peftclip_visual_prompt")):
         return "prompts"
     if name.startswith("peftclip_head"):
