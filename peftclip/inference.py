@@ -497,9 +497,7 @@ class AdaptedCLIP:
                 return logits.softmax(dim=-1)
             templates = list(templates or training.get("classify", {}).get("templates") or DEFAULT_TEMPLATES)
             if record is not None and TIP_ADAPTER_NAME in record.modules and class_names == trained_names:
-                weights = F.normalize(self.encode_texts([t.format(c) for c in class_names for t in templates])
-                                      .view(len(class_names), len(templates), -1).mean(1), dim=-1)
-                tip = TipAdapterClassifier(self.model, weights.to(self.device))
+                tip = TipAdapterClassifier(self.model, self._class_weights(class_names, templates).to(self.device))
                 return _batched(images, batch_size, "images", lambda chunk: tip(self._image_batch(chunk))).softmax(-1)
             prompt = record.modules.get(TEXT_PROMPT_NAME) if record is not None else None
             if isinstance(prompt, CoCoOpPrompt):  # each image's own class prompts
@@ -508,14 +506,18 @@ class AdaptedCLIP:
                     self.model, prompt, self._image_batch(chunk), tokens, len(templates))).softmax(dim=-1)
             return self._zero_shot(images, class_names, templates, batch_size).softmax(dim=-1)
 
-    def _zero_shot(self, images: ImageInput, class_names: list[str], templates: list[str],
-                   batch_size: int) -> torch.Tensor:
+    def _class_weights(self, class_names: list[str], templates: list[str]) -> torch.Tensor:
+        """(C, D) normalised text embeddings of each class, averaged over its templates, active adapter's."""
         texts = [template.format(c) for c in class_names for template in templates]  # class-major
         prompt = getattr(self._inner, TEXT_PROMPT_NAME, None)
         # Class-specific context vectors need every class's texts in one batch, in class order.
         text_batch = len(texts) if prompt is not None and prompt.config.class_specific else 256
         weights = self.encode_texts(texts, batch_size=text_batch)
-        weights = F.normalize(weights.view(len(class_names), len(templates), -1).mean(1), dim=-1)
+        return F.normalize(weights.view(len(class_names), len(templates), -1).mean(1), dim=-1)
+
+    def _zero_shot(self, images: ImageInput, class_names: list[str], templates: list[str],
+                   batch_size: int) -> torch.Tensor:
+        weights = self._class_weights(class_names, templates)
         features = self.encode_images(images, batch_size=batch_size)
         return self._inner.logit_scale.exp().float().cpu() * features @ weights.T
 
