@@ -146,9 +146,9 @@ def _lora_config(model: nn.Module, names: set[str], peft_config: peft.LoraConfig
     full = all(len(indices) == len(model.get_submodule(tower_blocks_path(model, t))) for t, indices in found.items())
     blocks: Any = "all" if full else sorted(set.union(*found.values()))
     config = ClipLoraConfig(towers=[t for t in TOWERS if t in found], blocks=blocks,
-                        target_modules=[t for t in TARGETS if t in chosen], r=rank,
-                        lora_alpha=float(peft_config.lora_alpha), lora_dropout=peft_config.lora_dropout,
-                        use_dora=peft_config.use_dora, use_rslora=peft_config.use_rslora)
+                            target_modules=[t for t in TARGETS if t in chosen], r=rank,
+                            lora_alpha=float(peft_config.lora_alpha), lora_dropout=peft_config.lora_dropout,
+                            use_dora=peft_config.use_dora, use_rslora=peft_config.use_rslora)
     if set(lora_target_names(model, config)) != names:
         raise AdapterError(f"{peft_dir}: the {len(names)} adapted layers are not one set of blocks × projections "
                            f"shared by the towers, which a peftclip ClipLoraConfig needs")
